@@ -1,0 +1,237 @@
+"""The public entry points: ``minimize`` and ``minimize_file``.
+
+``minimize`` runs the pipeline normalize -> (analyze -> rewrite) to a fixed point -> verify
+on a copy of the model and returns the result; it never mutates its argument and writes
+nothing. ``minimize_file`` adds loading, the rule that nothing is written unless the check
+passed (or ``force`` is set), the atomic write, and the JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .analysis import Refusal, analyze
+from .errors import InputsError, OutputError, VerificationError
+from .graph import GraphIndex
+from .io import load_model, model_files_size, save_model
+from .normalize import normalize
+from .report import PROVENANCE_KEY, build_report, provenance
+from .rewrite import LayerChange, apply_plan
+from .verify import DEFAULT_ATOL, DEFAULT_BATCH_SIZES, DEFAULT_RTOL, DEFAULT_SEED, Verification, verify
+
+logger = logging.getLogger(__name__)
+
+# The fixed point is normally reached in a few rounds; this bounds a bug, not a model.
+MAX_ROUNDS = 1000
+
+
+@dataclass
+class LayerHistory:
+    """A weight op's shape and the original indices of its units still present."""
+
+    node: str
+    weight: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    out_units: np.ndarray
+    in_units: np.ndarray
+    out_total: int
+    in_total: int
+    folded: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "node": self.node,
+            "weight": self.weight,
+            "shape_before": list(self.shape_before),
+            "shape_after": list(self.shape_after),
+            "removed_output_units": np.setdiff1d(np.arange(self.out_total), self.out_units).tolist(),
+            "removed_input_units": np.setdiff1d(np.arange(self.in_total), self.in_units).tolist(),
+            "folded_constants": self.folded,
+        }
+
+
+@dataclass
+class MinimizeResult:
+    """The minimized model with what was done to it."""
+
+    model: onnx.ModelProto
+    changed: bool
+    rounds: int
+    layers: list[LayerHistory]
+    refusals: list[Refusal]
+    verification: Verification | None
+    report: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def minimize(
+    model: onnx.ModelProto,
+    *,
+    prune_inputs: bool = False,
+    verify_outputs: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    inputs: dict[str, np.ndarray] | None = None,
+    inputs_source: str = "inputs",
+    seed: int = DEFAULT_SEED,
+) -> MinimizeResult:
+    """Return a minimized copy of ``model``; see the module docstring."""
+    started = time.perf_counter()
+    normalized = normalize(model)
+    current = normalized
+    history: dict[str, LayerHistory] = {}
+    refusals: list[Refusal] = []
+    rounds = 0
+
+    while True:
+        plan = analyze(GraphIndex(current), prune_inputs=prune_inputs)
+        refusals = plan.refusals
+        if not plan.changed:
+            break
+        rounds += 1
+        assert rounds <= MAX_ROUNDS, "minimization did not reach a fixed point"
+        current, changes = apply_plan(plan)
+        removed = int(plan.removed.sum())
+        logger.info("round %d: removed %d units in %d tensors", rounds, removed, len(changes))
+        for change in changes:
+            _record(history, change)
+
+    if not model.graph.value_info:
+        # Keep the output no larger than the input when the input carried no shape info.
+        del current.graph.value_info[:]
+
+    for refusal in refusals:
+        logger.info("kept %d units of %s: %s", refusal.units, ", ".join(refusal.tensors), refusal.reason)
+
+    verification = None
+    if verify_outputs:
+        verification = verify(
+            model, current, rtol=rtol, atol=atol, batch_sizes=batch_sizes,
+            inputs=inputs, inputs_source=inputs_source, seed=seed,
+        )
+
+    result = MinimizeResult(
+        model=current,
+        changed=rounds > 0,
+        rounds=rounds,
+        layers=list(history.values()),
+        refusals=refusals,
+        verification=verification,
+        seconds=time.perf_counter() - started,
+    )
+    result.report = build_report(model, normalized, result)
+    _stamp_provenance(result)
+    return result
+
+
+def _record(history: dict[str, LayerHistory], change: LayerChange) -> None:
+    entry = history.get(change.node)
+    out_axis_len, in_axis_len = change.out_units, change.in_units
+    if entry is None:
+        entry = LayerHistory(
+            node=change.node,
+            weight=change.weight,
+            shape_before=change.shape_before,
+            shape_after=change.shape_before,
+            out_units=np.arange(out_axis_len),
+            in_units=np.arange(in_axis_len),
+            out_total=out_axis_len,
+            in_total=in_axis_len,
+        )
+        history[change.node] = entry
+    entry.out_units = np.delete(entry.out_units, change.removed_out)
+    entry.in_units = np.delete(entry.in_units, change.removed_in)
+    entry.shape_after = change.shape_after
+    entry.folded = entry.folded or change.folded
+
+
+def _stamp_provenance(result: MinimizeResult) -> None:
+    record = provenance(result)
+    props = result.model.metadata_props
+    for prop in list(props):
+        if prop.key == PROVENANCE_KEY:
+            props.remove(prop)
+    props.add(key=PROVENANCE_KEY, value=json.dumps(record, sort_keys=True))
+
+
+def minimize_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None,
+    *,
+    report_path: str | os.PathLike | None = None,
+    external_data: bool = False,
+    force: bool = False,
+    inputs_path: str | os.PathLike | None = None,
+    **options,
+) -> MinimizeResult:
+    """Load, minimize, verify and (when verified or forced) write; raises ``SqueezeError``.
+
+    With ``output_path`` None nothing is written; this is what ``onnx-squeeze inspect`` does.
+    """
+    input_path = Path(input_path)
+    if output_path is not None:
+        output_path = Path(output_path)
+        if output_path.resolve() == input_path.resolve():
+            raise OutputError(
+                f"{output_path}: the output path is the input model; choose another -o path "
+                "so that the original is kept"
+            )
+    model = load_model(input_path)
+
+    if inputs_path is not None:
+        options["inputs"] = load_inputs(inputs_path)
+        options["inputs_source"] = str(inputs_path)
+
+    result = minimize(model, **options)
+    result.report["input"] = str(input_path)
+    result.report["bytes_before"] = model_files_size(input_path)
+
+    failed = result.verification is not None and not result.verification.passed
+    if output_path is not None and (not failed or force):
+        if failed:
+            logger.warning("writing %s although verification failed (--force)", output_path)
+        save_model(result.model, output_path, external_data=external_data)
+        result.report["output"] = str(output_path)
+        result.report["bytes_after"] = model_files_size(output_path)
+    if report_path is not None:
+        _write_json(result.report, Path(report_path))
+    if failed:
+        raise VerificationError(
+            f"{input_path}: verification failed: {result.verification.message}; "
+            + ("the model was written anyway (--force)" if force and output_path else "nothing was written")
+        )
+    return result
+
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError as exc:
+        raise InputsError(f"{path}: inputs file not found; pass an .npz file written by numpy.savez") from exc
+    except (OSError, ValueError) as exc:
+        raise InputsError(f"{path}: not a readable .npz archive ({exc}); write it with numpy.savez") from exc
+
+
+def _write_json(report: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: failed to write the report ({exc})") from exc
+
+
+__all__ = ["MinimizeResult", "minimize", "minimize_file", "load_inputs", "__version__"]
