@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .channelwise import CHANNEL_OPS
 from .graph import GraphIndex
+from .index_ops import slice_selection, slice_spec, split_axis, split_sizes
 from .layers import Layer, match_layer
 from .ops import BINARY_OPS, UNARY_OPS
 from .units import (
@@ -149,6 +151,15 @@ def _couple(index: GraphIndex, roles: list[NodeRole], space: UnitSpace, pins: di
             _couple_elementwise(index, node, space, pins, where)
         elif role.kind == "gather":
             _couple_gather(index, node, space, pins, where)
+        elif role.kind in ("split", "slice"):
+            _couple_selection(index, node, space, pins, where)
+        elif role.kind == "channel":
+            source, output = node.input[0], node.output[0]
+            if space.has(source) and space.has(output) and space.size[source] == space.size[output]:
+                space.union_many(space.ids(source), space.ids(output))
+            else:
+                _pin(space, pins, source, f"{where}: its channel axis cannot be followed")
+                _pin(space, pins, output, f"{where}: its channel axis cannot be followed")
         elif role.kind == "shape":
             source, output = node.input[0], node.output[0]
             mapped = block_map(index, node, space.axis[source]) if space.has(source) else None
@@ -217,6 +228,49 @@ def _couple_elementwise(index: GraphIndex, node, space: UnitSpace, pins: dict[in
         for name in node.input:
             if index.is_constant(name) and not _constant_fits(index, name, output, out_axis, space.size[output]):
                 _pin(space, pins, output, f"{where}: constant '{name}' does not broadcast per channel")
+
+
+def selections(index: GraphIndex, node, space: UnitSpace) -> list[tuple[str, np.ndarray]] | None:
+    """For Split and Slice on the channel axis: (output, selected input positions) pairs.
+
+    Returns an empty list when the op does not cut the channel axis, and None when the
+    selection cannot be followed (a Slice of the channel axis together with other axes).
+    """
+    source = node.input[0]
+    axis, size = space.axis[source], space.size[source]
+    if node.op_type == "Split":
+        if split_axis(node, index) != axis:
+            return []
+        sizes = split_sizes(node, index, size)
+        offsets = np.cumsum([0, *sizes])
+        return [(name, np.arange(offsets[i], offsets[i + 1])) for i, name in enumerate(node.output) if name]
+    spec = slice_spec(node, index)
+    selected = slice_selection(spec, axis, size)
+    if selected is None:
+        return []
+    if len(spec.axes) > 1:
+        return None
+    return [(node.output[0], selected)]
+
+
+def _couple_selection(index: GraphIndex, node, space: UnitSpace, pins: dict[int, str], where: str) -> None:
+    source = node.input[0]
+    outputs = [name for name in node.output if name]
+    if not space.has(source) or not all(space.has(name) for name in outputs):
+        for name in [source, *outputs]:
+            _pin(space, pins, name, f"{where}: its channel axis cannot be followed")
+        return
+    picked = selections(index, node, space)
+    if picked is None:
+        for name in [source, *outputs]:
+            _pin(space, pins, name, f"{where}: slices the channel axis together with other axes")
+        return
+    if not picked:
+        for name in outputs:
+            space.union_many(space.ids(source), space.ids(name))
+        return
+    for name, selected in picked:
+        space.union_many(space.ids(source)[selected], space.ids(name))
 
 
 def _couple_gather(index: GraphIndex, node, space: UnitSpace, pins: dict[int, str], where: str) -> None:
@@ -296,6 +350,22 @@ def _propagate_constants(index: GraphIndex, roles: list[NodeRole], space: UnitSp
                 k, v = _mapped_constants(space, node.input[0], output, known, value)
             elif role.kind == "concat":
                 k, v = _concat_constants(index, node, space, known, value)
+            elif role.kind == "channel" and space.has(node.input[0]):
+                ids = space.ids(node.input[0])
+                if len(ids) != len(out_ids):
+                    continue
+                k, v = CHANNEL_OPS[role.channel_op].constant(known[ids], value[ids], node, index)
+            elif role.kind in ("split", "slice"):
+                picked = selections(index, node, space) if space.has(node.input[0]) else None
+                if picked is None:
+                    continue
+                ids = space.ids(node.input[0])
+                pairs = picked or [(name, np.arange(len(ids))) for name in node.output if name]
+                for name, selected in pairs:
+                    if space.has(name) and len(selected) == space.size[name]:
+                        known[space.ids(name)] = known[ids[selected]]
+                        value[space.ids(name)] = value[ids[selected]]
+                continue
             elif role.kind == "gather" and space.has(node.input[0]):
                 ids = space.ids(node.input[0])
                 if gather_axis(index, node) == space.axis[node.input[0]]:
@@ -312,20 +382,21 @@ def _propagate_constants(index: GraphIndex, roles: list[NodeRole], space: UnitSp
 
 
 def _layer_constants(index, layer: Layer, space, known, value):
-    rows = layer.matrix
     if space.has(layer.input):
         ids = space.ids(layer.input)
-        unknown_read = (rows != 0) & ~known[ids][None, :]
-        k = ~unknown_read.any(axis=1)
-        v = rows @ np.where(known[ids], value[ids], 0.0)
+        k = ~(layer.reads & ~known[ids][None, :]).any(axis=1)
+        if not layer.absorbs_constants:
+            # Padding or overlapping taps make a nonzero constant input vary over positions.
+            k &= ~(layer.reads & (known[ids] & (value[ids] != 0))[None, :]).any(axis=1)
+        v = layer.matrix @ np.where(known[ids], value[ids], 0.0)
     else:
-        k = ~(rows != 0).any(axis=1)
-        v = np.zeros(rows.shape[0])
-    if layer.op_type == "Gemm" and layer.bias is not None:
-        node = index.nodes[layer.node]
-        if len(node.input) > 2 and node.input[2] and not layer.replace_bias:
-            bias = index.array(node.input[2]).astype(np.float64).reshape(-1)
-            v = v + layer.bias.divisor * np.broadcast_to(bias, v.shape)
+        k = ~layer.reads.any(axis=1)
+        v = np.zeros(layer.out_units)
+    node = index.nodes[layer.node]
+    has_bias = len(node.input) > 2 and node.input[2] != ""
+    if has_bias and not layer.replace_bias:
+        bias = index.array(node.input[2]).astype(np.float64).reshape(-1)
+        v = v + layer.bias.divisor * np.broadcast_to(bias, v.shape)
     return k, v
 
 
@@ -352,6 +423,10 @@ def _elementwise_constants(index, node, space, known, value):
         return k, UNARY_OPS[node.op_type](v, node, index)
 
     fn = BINARY_OPS[node.op_type]
+    if node.op_type == "Where":
+        (kc, vc), (kx, vx), (ky, vy) = operands
+        # The output is known where the condition is known and the branch it picks is known.
+        return kc & np.where(vc != 0, kx, ky), fn(vc, vx, vy)
     k, v = operands[0]
     for k2, v2 in operands[1:]:
         if node.op_type == "Mul":
@@ -410,11 +485,14 @@ def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[R
             if not space.has(layer.input):
                 continue
             ids = space.ids(layer.input)
-            rows = layer.matrix
+            reads = layer.reads
             if space.has(layer.output):
-                rows = rows[~removed[space.ids(layer.output)]]
-            read = (rows != 0).any(axis=0)
-            needed_root[roots[ids[read & ~known[ids]]]] = True
+                reads = reads[~removed[space.ids(layer.output)]]
+            read = reads.any(axis=0)
+            needed = read & ~known[ids]
+            if not layer.absorbs_constants:
+                needed |= read & (value[ids] != 0)
+            needed_root[roots[ids[needed]]] = True
         candidate = ~pinned_root[roots] & ~needed_root[roots]
         if np.array_equal(candidate, removed):
             break

@@ -17,8 +17,17 @@ Recognized here:
   per-unit constant (the exporter's bias), a fold goes into that constant, otherwise an
   ``Add`` is inserted.
 
+- ``Conv`` with ``group == 1`` and ``ConvTranspose`` with ``group == 1`` and a constant
+  weight (``[C_out, C_in, k...]`` and ``[C_in, C_out, k...]``): units are channels (axis 1).
+  ``matrix`` sums the kernel taps, which is the effect of a spatially constant input channel
+  on a conv without padding; ``reads`` marks the taps that are nonzero at all. A conv with
+  padding sees zeros, not the constant, at the border, and a ConvTranspose adds overlapping
+  taps unevenly, so both only absorb constants that are exactly zero
+  (``absorbs_constants = False``).
+
 Refused (the node becomes a barrier, with the reason): a constant first operand of MatMul,
-a weight of rank other than 2, non-float weights, and a Gemm whose activation is ``B``.
+a weight of the wrong rank, non-float weights, a Gemm whose activation is ``B``, and grouped
+convs that are not depthwise (those are handled as channel-wise ops elsewhere).
 """
 
 from __future__ import annotations
@@ -59,6 +68,13 @@ class Layer:
     bias: BiasSlot | None
     # Gemm whose C is ignored (beta == 0): a fold must set beta to 1 and replace C.
     replace_bias: bool = False
+    # False when a nonzero constant input cannot be folded into the bias exactly.
+    absorbs_constants: bool = True
+    reads: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.reads is None:
+            self.reads = self.matrix != 0
 
     @property
     def out_units(self) -> int:
@@ -78,7 +94,66 @@ def match_layer(index: GraphIndex, node_index: int) -> Layer | str | None:
         return _match_gemm(index, node_index, node)
     if node.op_type == "MatMul":
         return _match_matmul(index, node_index, node)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return _match_conv(index, node_index, node)
     return None
+
+
+def conv_has_padding(node: onnx.NodeProto) -> bool:
+    """Return True if the conv or pool pads its input (explicitly or through auto_pad)."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return True
+    return any(p != 0 for p in attribute(node, "pads", []) or [])
+
+
+def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Conv with one input and one output channel per group: ``[C, 1, k...]``, group C."""
+    if node.op_type != "Conv" or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return False
+    group = attribute(node, "group", 1)
+    dims = list(index.initializers[node.input[1]].dims)
+    return group > 1 and len(dims) >= 3 and dims[0] == group and dims[1] == 1
+
+
+def _match_conv(index: GraphIndex, node_index: int, node: onnx.NodeProto) -> Layer | str | None:
+    x_name, w_name = node.input[0], node.input[1]
+    if not index.is_constant(w_name):
+        return f"{node.op_type} weight '{w_name}' is not a constant"
+    if index.initializers[w_name].data_type not in FLOAT_TYPES:
+        return f"weight '{w_name}' is not a floating-point tensor"
+    if attribute(node, "group", 1) != 1:
+        return None if is_depthwise(index, node) else "grouped conv that is not depthwise is kept whole"
+    has_bias = len(node.input) > 2 and node.input[2] != ""
+    if has_bias and not index.is_constant(node.input[2]):
+        return f"{node.op_type} bias '{node.input[2]}' is not a constant"
+
+    weight = index.array(w_name).astype(np.float64)
+    spatial = tuple(range(2, weight.ndim))
+    # Conv: [C_out, C_in, k...]; ConvTranspose: [C_in, C_out, k...].
+    transpose = node.op_type == "ConvTranspose"
+    summed = weight.sum(axis=spatial)
+    reads = (weight != 0).any(axis=spatial)
+    matrix, reads = (summed.T, reads.T) if transpose else (summed, reads)
+    absorbs = not transpose and not conv_has_padding(node)
+    return Layer(
+        node=node_index,
+        name=index.node_name(node_index),
+        op_type=node.op_type,
+        input=x_name,
+        output=node.output[0],
+        input_axis=1,
+        output_axis=1,
+        weight=w_name,
+        weight_slot=1,
+        weight_out_axis=1 if transpose else 0,
+        weight_in_axis=0 if transpose else 1,
+        matrix=matrix,
+        bias=BiasSlot(node_index, 2, 1.0),
+        absorbs_constants=absorbs,
+        reads=reads,
+    )
 
 
 def _weight_reason(index: GraphIndex, name: str) -> str | None:

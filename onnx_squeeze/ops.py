@@ -106,13 +106,14 @@ UNARY_OPS: dict[str, UnaryFn] = {
     "Exp": lambda x, node, index: np.exp(x),
     "Sqrt": lambda x, node, index: np.sqrt(x),
     "Reciprocal": lambda x, node, index: 1.0 / x,
+    "Not": lambda x, node, index: (x == 0).astype(np.float64),
 }
 
 # Extra inputs of unary ops that must be constants (Clip's bounds, Dropout's ratio and
 # training flag); any other non-constant input makes the node a barrier.
 UNARY_CONSTANT_SLOTS = {"Clip": (1, 2), "Dropout": (1, 2)}
 
-BINARY_OPS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+BINARY_OPS: dict[str, Callable[..., np.ndarray]] = {
     "Add": np.add,
     "Sub": np.subtract,
     "Mul": np.multiply,
@@ -121,6 +122,16 @@ BINARY_OPS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "Max": np.maximum,
     "Min": np.minimum,
     "PRelu": lambda x, slope: np.where(x >= 0, x, slope * x),
+    # Comparisons and logic produce booleans, carried as 0.0 and 1.0.
+    "Greater": lambda a, b: (a > b).astype(np.float64),
+    "Less": lambda a, b: (a < b).astype(np.float64),
+    "GreaterOrEqual": lambda a, b: (a >= b).astype(np.float64),
+    "LessOrEqual": lambda a, b: (a <= b).astype(np.float64),
+    "Equal": lambda a, b: (a == b).astype(np.float64),
+    "And": lambda a, b: ((a != 0) & (b != 0)).astype(np.float64),
+    "Or": lambda a, b: ((a != 0) | (b != 0)).astype(np.float64),
+    # Where(condition, x, y) takes three operands; see the analysis for its known-ness rule.
+    "Where": lambda condition, x, y: np.where(condition != 0, x, y),
 }
 
 # Cast is element-wise only between floating-point types; a cast to an integer type

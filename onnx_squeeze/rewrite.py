@@ -25,6 +25,9 @@ from .analysis import Plan
 from .layers import Layer
 from .normalize import infer_shapes
 from .ops import BINARY_OPS
+from .analysis import selections
+from .channelwise import CHANNEL_OPS
+from .index_ops import rewrite_slice, slice_spec
 from .units import aligned_axis, gather_axis
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,8 @@ def apply_plan(plan: Plan) -> tuple[onnx.ModelProto, list[LayerChange]]:
     _slice_elementwise_constants(plan, edits)
     _rewrite_reshape_targets(plan, edits)
     _rewrite_gather_indices(plan, edits)
+    _slice_channel_params(plan, edits, graph)
+    _rewrite_selections(plan, edits, graph)
     _apply_edits(model, edits)
 
     graph.initializer.extend(edits.added)
@@ -132,6 +137,8 @@ def _rewrite_layer(plan: Plan, layer: Layer, edits: _Edits, graph, inserted) -> 
     node = graph.node[layer.node]
     if layer.op_type == "Gemm":
         _rewrite_gemm_bias(plan, layer, delta, keep_out, edits, node)
+    elif layer.op_type in ("Conv", "ConvTranspose"):
+        _rewrite_conv_bias(plan, layer, delta, keep_out, edits, node)
     elif delta is not None:
         _fold_into_matmul_bias(plan, layer, delta, keep_out, edits, node, inserted)
 
@@ -173,6 +180,17 @@ def _rewrite_gemm_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits,
     _set_attribute(node, "beta", 1.0)
 
 
+def _rewrite_conv_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits, node) -> None:
+    if len(node.input) > 2 and node.input[2] != "":
+        bias = edits.get(layer.node, 2).astype(np.float64)
+        if delta is not None:
+            bias = bias + delta
+        edits.set(layer.node, 2, _take(bias, keep_out, 0).astype(edits.get(layer.node, 2).dtype))
+    elif delta is not None:
+        dtype = plan.index.array(layer.weight).dtype
+        node.input.append(edits.add_initializer(f"{node.name}_folded_bias", _take(delta, keep_out, 0).astype(dtype)))
+
+
 def _fold_into_matmul_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits, node, inserted) -> None:
     if layer.bias is not None:
         # The bias Add's constant is sliced with the output units later, so add at full width.
@@ -207,6 +225,101 @@ def _slice_elementwise_constants(plan: Plan, edits: _Edits) -> None:
             current = edits.get(position, slot)
             if axis is not None and current.shape[axis] == size:
                 edits.set(position, slot, np.take(current, keep, axis=axis))
+
+
+def _slice_channel_params(plan: Plan, edits: _Edits, graph) -> None:
+    index = plan.index
+    for position, node in enumerate(index.nodes):
+        role = plan.roles[position]
+        if role.kind != "channel":
+            continue
+        keep = plan.keep(node.output[0])
+        if keep is None:
+            continue
+        for slot in CHANNEL_OPS[role.channel_op].params:
+            if len(node.input) > slot and node.input[slot]:
+                edits.set(position, slot, np.take(edits.get(position, slot), keep, axis=0))
+        if role.channel_op == "DepthwiseConv":
+            _set_attribute(graph.node[position], "group", len(keep))
+        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+            sizes = edits.get(position, 3).copy()
+            sizes[plan.space.axis[node.output[0]]] = len(keep)
+            edits.set(position, 3, sizes)
+
+
+def _rewrite_selections(plan: Plan, edits: _Edits, graph) -> None:
+    """Recompute Split sizes and Slice bounds from the kept channels."""
+    index = plan.index
+    for position, node in enumerate(index.nodes):
+        if plan.roles[position].kind not in ("split", "slice") or not plan.space.has(node.input[0]):
+            continue
+        picked = selections(index, node, plan.space)
+        source = node.input[0]
+        if not picked or (plan.keep(source) is None and all(plan.keep(name) is None for name, _ in picked)):
+            continue
+        size = plan.space.size[source]
+        kept = plan.keep(source) if plan.keep(source) is not None else np.arange(size)
+        position_of = np.full(size, -1, dtype=np.int64)
+        position_of[kept] = np.arange(len(kept))
+
+        if node.op_type == "Split":
+            sizes = [len(plan.keep(name)) if plan.keep(name) is not None else len(sel) for name, sel in picked]
+            _write_split_sizes(plan, edits, graph.node[position], position, sizes)
+            continue
+
+        name, selected = picked[0]
+        new_positions = position_of[_take(selected, plan.keep(name), 0)]
+        assert (new_positions >= 0).all(), "a selected channel was removed without its output"
+        spec = slice_spec(node, index)
+        axis = plan.space.axis[source]
+        bounds = rewrite_slice(spec, axis, size, new_positions, len(kept))
+        if bounds is None:
+            _slice_to_gather(graph.node[position], edits, new_positions, axis)
+        else:
+            _write_slice_bounds(index, edits, graph.node[position], position, spec.axes.index(axis), bounds)
+
+
+def _write_split_sizes(plan: Plan, edits: _Edits, node, position: int, sizes: list[int]) -> None:
+    if plan.index.opset < 13:
+        _set_attribute(node, "split", sizes)
+    elif len(node.input) > 1 and node.input[1]:
+        edits.set(position, 1, np.array(sizes, dtype=np.int64))
+    else:
+        # An equal split by output count (or opset 18's num_outputs) becomes explicit sizes.
+        for attr in list(node.attribute):
+            if attr.name == "num_outputs":
+                node.attribute.remove(attr)
+        name = edits.add_initializer(f"{node.name}_split", np.array(sizes, dtype=np.int64))
+        if len(node.input) > 1:
+            node.input[1] = name
+        else:
+            node.input.append(name)
+
+
+def _write_slice_bounds(index, edits: _Edits, node, position: int, i: int, bounds: tuple[int, int, int]) -> None:
+    start, end, step = bounds
+    if index.opset < 10:
+        for key, value in (("starts", start), ("ends", end)):
+            values = list(next(a for a in node.attribute if a.name == key).ints)
+            values[i] = value
+            _set_attribute(node, key, values)
+        return
+    for slot, value in ((1, start), (2, end), (4, step)):
+        if len(node.input) > slot and node.input[slot]:
+            array = edits.get(position, slot).copy()
+            array[i] = value
+            edits.set(position, slot, array)
+
+
+def _slice_to_gather(node, edits: _Edits, positions: np.ndarray, axis: int) -> None:
+    """Replace a Slice whose kept channels no longer have a common step by a Gather."""
+    data = node.input[0]
+    indices = edits.add_initializer(f"{node.name}_indices", positions.astype(np.int64))
+    del node.input[:]
+    node.input.extend([data, indices])
+    del node.attribute[:]
+    node.op_type = "Gather"
+    node.attribute.append(helper.make_attribute("axis", axis))
 
 
 def _rewrite_reshape_targets(plan: Plan, edits: _Edits) -> None:

@@ -2,8 +2,8 @@
 
 Conventions:
 
-- parameters: every element of every floating-point initializer, zeros included; integer
-  initializers (shape constants, Gather indices) do not count;
+- parameters: every element of every floating-point initializer or Constant node, zeros
+  included; integer constants (shapes, Gather indices) do not count;
 - non-zeros: the floating-point initializer elements that are not exactly zero;
 - multiply-adds: per sample, for Gemm, MatMul and Conv nodes with a constant weight; a
   symbolic dim other than the batch dim counts as 1, so a sequence model is counted per token;
@@ -40,7 +40,7 @@ class ModelStats:
 def model_stats(model: onnx.ModelProto, *, size_bytes: int | None = None) -> ModelStats:
     """Count the figures above; ``size_bytes`` overrides the serialized size (a file's size)."""
     params = nonzero = 0
-    for tensor in model.graph.initializer:
+    for tensor in _constant_tensors(model):
         if tensor.data_type not in FLOAT_TYPES:
             continue
         array = numpy_helper.to_array(tensor)
@@ -49,6 +49,20 @@ def model_stats(model: onnx.ModelProto, *, size_bytes: int | None = None) -> Mod
     if size_bytes is None:
         size_bytes = model.ByteSize()
     return ModelStats(params=params, nonzero=nonzero, macs=count_macs(model), bytes=size_bytes)
+
+
+def _constant_tensors(model: onnx.ModelProto):
+    """Initializers and the tensors of Constant nodes, which normalization makes initializers."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attr in node.attribute:
+            if attr.name == "value":
+                yield attr.t
+            elif attr.name in ("value_float", "value_floats"):
+                values = [attr.f] if attr.name == "value_float" else list(attr.floats)
+                yield numpy_helper.from_array(np.array(values, dtype=np.float32))
 
 
 def _per_sample(shape) -> int:

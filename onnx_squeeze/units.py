@@ -20,6 +20,8 @@ import numpy as np
 
 from .graph import GraphIndex, attribute, static_dims
 from .layers import Layer
+from .channelwise import CHANNEL_OPS, channel_op_key, in_axis_for
+from .index_ops import slice_check, split_check
 from .ops import BINARY_OPS, UNARY_OPS, unary_reason
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class NodeRole:
     kind: str
     reason: str = ""
     layer: Layer | None = None
+    channel_op: str = ""
 
 
 @dataclass
@@ -88,6 +91,10 @@ def classify_nodes(index: GraphIndex, layers: dict[int, Layer | str]) -> list[No
             roles.append(NodeRole("barrier", matched))
         elif node.domain not in ("", "ai.onnx"):
             roles.append(NodeRole("barrier", f"custom-domain op {node.domain}::{node.op_type}"))
+        elif channel_op_key(node, index):
+            key = channel_op_key(node, index)
+            reason = CHANNEL_OPS[key].check(node, index)
+            roles.append(NodeRole("barrier", reason) if reason else NodeRole("channel", channel_op=key))
         elif node.op_type in UNARY_OPS:
             reason = unary_reason(node, index)
             roles.append(NodeRole("barrier", reason) if reason else NodeRole("unary"))
@@ -100,6 +107,9 @@ def classify_nodes(index: GraphIndex, layers: dict[int, Layer | str]) -> list[No
                 roles.append(NodeRole("shape"))
         elif node.op_type == "Concat":
             roles.append(NodeRole("concat"))
+        elif node.op_type in ("Split", "Slice"):
+            reason = split_check(node, index) if node.op_type == "Split" else slice_check(node, index)
+            roles.append(NodeRole("barrier", reason) if reason else NodeRole(node.op_type.lower()))
         elif node.op_type == "Gather":
             indices = node.input[1]
             if index.is_constant(indices) and index.array(indices).ndim == 1:
@@ -155,6 +165,23 @@ def assign_axes(index: GraphIndex, roles: list[NodeRole]) -> dict[str, int]:
                 changed |= _propagate_elementwise(index, node, axes, put)
             elif role.kind == "shape":
                 changed |= _propagate_shape(index, node, axes, put)
+            elif role.kind == "channel":
+                op = CHANNEL_OPS[role.channel_op]
+                source, output = node.input[0], node.output[0]
+                if source in axes:
+                    changed |= put(output, op.out_axis(node, index, axes[source]))
+                if output in axes:
+                    changed |= put(source, in_axis_for(op, node, index, axes[output]))
+            elif role.kind in ("split", "slice"):
+                # Both keep the rank, so the channel axis keeps its position.
+                source = node.input[0]
+                outputs = [name for name in node.output if name]
+                if source in axes:
+                    for output in outputs:
+                        changed |= put(output, axes[source])
+                for output in outputs:
+                    if output in axes:
+                        changed |= put(source, axes[output])
             elif role.kind == "gather":
                 # 1-D indices keep the rank, so the channel axis keeps its position.
                 source, output = node.input[0], node.output[0]
