@@ -49,15 +49,35 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
+# Initializers larger than this are replaced by their dims alone for shape inference; shape
+# inference never needs their values, and the skeleton then stays far below protobuf's 2 GiB.
+SKELETON_MAX_ELEMENTS = 4096
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop intermediate ``value_info`` and infer it again from the current graph."""
     del model.graph.value_info[:]
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) > SKELETON_MAX_ELEMENTS:
+            graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+        else:
+            graph.initializer.append(tensor)
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         # Without shapes the analysis keeps every unit it cannot place, so this is safe.
         logger.warning("ONNX shape inference failed (%s); tensors without shapes are kept whole", exc)
         return model
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

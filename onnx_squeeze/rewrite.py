@@ -100,7 +100,7 @@ def apply_plan(plan: Plan) -> tuple[onnx.ModelProto, list[LayerChange]]:
     _slice_elementwise_constants(plan, edits)
     _rewrite_reshape_targets(plan, edits)
     _rewrite_gather_indices(plan, edits)
-    _slice_channel_params(plan, edits, graph)
+    changes.extend(_slice_channel_params(plan, edits, graph))
     _rewrite_selections(plan, edits, graph)
     _apply_edits(model, edits)
 
@@ -227,8 +227,10 @@ def _slice_elementwise_constants(plan: Plan, edits: _Edits) -> None:
                 edits.set(position, slot, np.take(current, keep, axis=axis))
 
 
-def _slice_channel_params(plan: Plan, edits: _Edits, graph) -> None:
+def _slice_channel_params(plan: Plan, edits: _Edits, graph) -> list[LayerChange]:
+    """Slice per-channel parameters; report the ones with a weight (BN, depthwise conv)."""
     index = plan.index
+    changes = []
     for position, node in enumerate(index.nodes):
         role = plan.roles[position]
         if role.kind != "channel":
@@ -236,15 +238,26 @@ def _slice_channel_params(plan: Plan, edits: _Edits, graph) -> None:
         keep = plan.keep(node.output[0])
         if keep is None:
             continue
-        for slot in CHANNEL_OPS[role.channel_op].params:
+        params = CHANNEL_OPS[role.channel_op].params
+        before = edits.get(position, params[0]).shape if params else None
+        for slot in params:
             if len(node.input) > slot and node.input[slot]:
                 edits.set(position, slot, np.take(edits.get(position, slot), keep, axis=0))
+        if params:
+            size = plan.space.size[node.output[0]]
+            removed = np.setdiff1d(np.arange(size), keep)
+            changes.append(LayerChange(
+                node=index.node_name(position), weight=node.input[params[0]], shape_before=tuple(before),
+                shape_after=tuple(edits.get(position, params[0]).shape), out_units=size, in_units=size,
+                removed_out=removed, removed_in=removed, folded=False,
+            ))
         if role.channel_op == "DepthwiseConv":
             _set_attribute(graph.node[position], "group", len(keep))
         if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
             sizes = edits.get(position, 3).copy()
             sizes[plan.space.axis[node.output[0]]] = len(keep)
             edits.set(position, 3, sizes)
+    return changes
 
 
 def _rewrite_selections(plan: Plan, edits: _Edits, graph) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def export_onnx(
     The dynamo exporter writes the weights to an external data file. This function loads them
     back, saves the model as one file and deletes the data file, so the model must stay under
     protobuf's 2 GB limit.
+
+    The dynamo exporter translates at opset 18 or later and converts down to ``opset``; when
+    the conversion fails it keeps opset 18 (torch 2.13 with onnxscript 0.7 does so for any
+    ``ReduceMean``, as a global average pool or ``Tensor.mean`` exports). This function then
+    warns with the opset the file has.
     """
     path = Path(path)
     examples = example if isinstance(example, tuple) else (example,)
@@ -59,6 +65,9 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes, verbose=False, **export_options,
         )
         _inline_external_data(path)
+        written = _default_opset(onnx.load(path, load_external_data=False))
+        if written != opset:
+            warnings.warn(f"{path}: the dynamo exporter wrote opset {written}, not the requested {opset}", stacklevel=2)
     else:
         dynamic_axes = None
         if dynamic_batch:
@@ -72,19 +81,30 @@ def export_onnx(
 
 
 def _inline_external_data(path: Path) -> None:
-    """Move every tensor stored in an external data file into the model file itself."""
+    """Move every tensor stored in an external data file into the model file and delete the data files.
+
+    The exporter writes ``<path>.data`` even when every tensor is small enough to stay inline,
+    so that file is deleted too.
+    """
     model = onnx.load(path, load_external_data=False)
     data_files = {
-        ExternalDataInfo(tensor).location
+        path.parent / ExternalDataInfo(tensor).location
         for tensor in _all_tensors(model)
         if uses_external_data(tensor)
     }
-    if not data_files:
-        return
-    onnx.load_external_data_for_model(model, str(path.parent))
-    onnx.save(model, path)
-    for location in data_files:
-        (path.parent / location).unlink(missing_ok=True)
+    if data_files:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.save(model, path)
+    data_files.add(path.with_name(path.name + ".data"))
+    for data_file in data_files:
+        data_file.unlink(missing_ok=True)
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
 
 
 def _all_tensors(model: onnx.ModelProto):
