@@ -480,7 +480,9 @@ def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[R
     layers = [role.layer for role in roles if role.kind == "layer"]
     removed = np.zeros(space.total, dtype=bool)
     while True:
-        needed_root = np.zeros(space.total, dtype=bool)
+        live_root = np.zeros(space.total, dtype=bool)
+        padded_root = np.zeros(space.total, dtype=bool)
+        pad_reason: dict[int, str] = {}
         for layer in layers:
             if not space.has(layer.input):
                 continue
@@ -489,10 +491,18 @@ def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[R
             if space.has(layer.output):
                 reads = reads[~removed[space.ids(layer.output)]]
             read = reads.any(axis=0)
-            needed = read & ~known[ids]
+            live_root[roots[ids[read & ~known[ids]]]] = True
             if not layer.absorbs_constants:
-                needed |= read & (value[ids] != 0)
-            needed_root[roots[ids[needed]]] = True
+                # A nonzero constant meets zero padding (or uneven overlap) in this layer.
+                blocked = ids[read & known[ids] & (value[ids] != 0)]
+                padded_root[roots[blocked]] = True
+                for unit in blocked.tolist():
+                    pad_reason.setdefault(
+                        int(roots[unit]),
+                        f"node '{layer.name}' ({layer.op_type}) pads its input, so the constant "
+                        f"{value[unit]:.6g} cannot be folded into its bias exactly",
+                    )
+        needed_root = live_root | padded_root
         candidate = ~pinned_root[roots] & ~needed_root[roots]
         if np.array_equal(candidate, removed):
             break
@@ -502,21 +512,34 @@ def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[R
 
     removed = _keep_one_per_tensor(space, roots, removed)
 
-    # Report classes kept only because of a rule (a barrier, a graph input or output),
-    # grouped by reason. An output unit that is not constant is simply live, so it is skipped.
+    # Report classes kept only because of a rule (a barrier, a graph input or output, zero
+    # padding), grouped by reason. An output unit that is not constant is simply live.
+    reasons = {root: reason for root, reason in pad_reason.items() if not live_root[root] and not pinned_root[root]}
+    for root, reason in pin_reason.items():
+        if not needed_root[root]:
+            reasons[root] = reason
+    return removed, _refusals(space, roots, known, reasons)
+
+
+def _refusals(space: UnitSpace, roots: np.ndarray, known: np.ndarray, reasons: dict[int, str]) -> list[Refusal]:
+    names = list(space.offset)
+    unit_tensor = np.zeros(space.total, dtype=np.int64)
+    for position, name in enumerate(names):
+        unit_tensor[space.ids(name)] = position
+
+    units = np.flatnonzero(np.isin(roots, np.fromiter(reasons, dtype=np.int64, count=len(reasons))))
+    units = units[np.argsort(roots[units], kind="stable")]
     by_reason: dict[str, Refusal] = {}
-    blocked = pinned_root[roots] & ~needed_root[roots]
-    for root in np.unique(roots[blocked]).tolist():
-        members = np.flatnonzero(roots == root)
-        reason = pin_reason[root]
+    for members in np.split(units, np.flatnonzero(np.diff(roots[units])) + 1):
+        if not len(members):
+            continue
+        reason = reasons[int(roots[members[0]])]
         if reason.endswith("is a graph output") and not known[members].any():
             continue
-        tensors = [name for name in space.offset if np.isin(space.ids(name), members).any()]
         refusal = by_reason.setdefault(reason, Refusal(reason, [], 0))
         refusal.units += len(members)
-        refusal.tensors = sorted(set(refusal.tensors) | set(tensors))
-    refusals = list(by_reason.values())
-    return removed, refusals
+        refusal.tensors = sorted(set(refusal.tensors) | {names[i] for i in np.unique(unit_tensor[members])})
+    return list(by_reason.values())
 
 
 def _keep_one_per_tensor(space: UnitSpace, roots: np.ndarray, removed: np.ndarray) -> np.ndarray:
