@@ -73,6 +73,13 @@ def _per_sample(shape) -> int:
 
 
 def count_macs(model: onnx.ModelProto) -> int:
+    if not model.graph.value_info:
+        # Conv and MatMul costs depend on activation shapes, so infer them on a copy.
+        from .normalize import infer_shapes
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = infer_shapes(copy)
     index = GraphIndex(model)
     total = 0
     for node in index.nodes:
