@@ -26,7 +26,7 @@ from .io import load_model, model_files_size, save_model
 from .normalize import normalize
 from .report import PROVENANCE_KEY, build_report, provenance
 from .rewrite import LayerChange, apply_plan
-from .verify import DEFAULT_ATOL, DEFAULT_BATCH_SIZES, DEFAULT_RTOL, DEFAULT_SEED, Verification, verify
+from .verify import DEFAULT_BATCH_SIZES, DEFAULT_SEED, Verification, verify
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def minimize(
     *,
     prune_inputs: bool = False,
     verify_outputs: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     inputs: dict[str, np.ndarray] | None = None,
     inputs_source: str = "inputs",

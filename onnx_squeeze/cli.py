@@ -41,16 +41,18 @@ def _parse_batches(_ctx, _param, value: str) -> tuple[int, ...]:
 
 def _check_options(function):
     options = [
-        click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
-                      help="Relative tolerance of the output comparison."),
-        click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True,
-                      help="Absolute tolerance of the output comparison."),
+        click.option("--rtol", type=click.FloatRange(min=0), default=None,
+                      help=f"Relative tolerance of the output comparison [default: {DEFAULT_RTOL}, "
+                           "1e-2 for float16 outputs]."),
+        click.option("--atol", type=click.FloatRange(min=0), default=None,
+                      help=f"Absolute tolerance of the output comparison [default: {DEFAULT_ATOL}, "
+                           "1e-3 for float16 outputs]."),
         click.option("--batch", "batch_sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                       show_default=True, callback=_parse_batches,
                       help="Comma-separated sizes given to every dynamic dim in the check."),
         click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
                       help="An .npz file of your own inputs for the check, one array per graph input name."),
-        click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+        click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,
                       help="Seed of the random check inputs."),
         click.option("--prune-inputs", is_flag=True,
                       help="Drop input features nothing reads, through a Gather after the graph input."),

@@ -32,16 +32,18 @@ def export_onnx(
     one. With ``dynamic_batch`` axis 0 of every input and output becomes the symbolic dim
     ``batch``. The dynamo exporter needs an example batch of at least 2 for that, because
     torch.export specializes a dim of size 1, so this function raises ValueError otherwise.
-    Further keyword arguments go to ``torch.onnx.export`` unchanged.
+    Further keyword arguments go to ``torch.onnx.export`` unchanged; a ``dynamic_axes`` or
+    ``dynamic_shapes`` among them replaces the one ``dynamic_batch`` builds.
 
     The dynamo exporter writes the weights to an external data file. This function loads them
     back, saves the model as one file and deletes the data file, so the model must stay under
     protobuf's 2 GB limit.
 
-    The dynamo exporter translates at opset 18 or later and converts down to ``opset``; when
-    the conversion fails it keeps opset 18 (torch 2.13 with onnxscript 0.7 does so for any
-    ``ReduceMean``, as a global average pool or ``Tensor.mean`` exports). This function then
-    warns with the opset the file has.
+    The dynamo exporter translates at opset 18 or later and converts down to ``opset``. When
+    the conversion fails it keeps opset 18, and this function warns with the opset written.
+    With torch 2.13 and onnxscript 0.7 that happens for every ``ReduceMean``, which is how a
+    global average pool or ``Tensor.mean`` exports. The same conversion writes ``chunk`` at
+    opset 17 as a ``Split`` with ``num_outputs``, which the checker rejects.
     """
     path = Path(path)
     examples = example if isinstance(example, tuple) else (example,)
@@ -59,10 +61,10 @@ def export_onnx(
                 )
             batch = torch.export.Dim(BATCH_DIM)
             dynamic_shapes = tuple({0: batch} for _ in examples)
+        options = {"dynamic_shapes": dynamic_shapes, "verbose": False, **export_options}
         torch.onnx.export(
             model, examples, path, dynamo=True, opset_version=opset,
-            input_names=input_names, output_names=output_names,
-            dynamic_shapes=dynamic_shapes, verbose=False, **export_options,
+            input_names=input_names, output_names=output_names, **options,
         )
         _inline_external_data(path)
         written = _default_opset(onnx.load(path, load_external_data=False))
@@ -72,10 +74,10 @@ def export_onnx(
         dynamic_axes = None
         if dynamic_batch:
             dynamic_axes = {name: {0: BATCH_DIM} for name in input_names + output_names}
+        options = {"dynamic_axes": dynamic_axes, **export_options}
         torch.onnx.export(
             model, examples, path, dynamo=False, opset_version=opset,
-            input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes, **export_options,
+            input_names=input_names, output_names=output_names, **options,
         )
     return path
 

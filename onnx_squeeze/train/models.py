@@ -4,9 +4,9 @@ Every model exports with both torch ONNX exporters (``dynamo=False`` and ``dynam
 opset 17; ``tests/test_conv_models.py`` exports each one both ways. The models are
 inference-only copies of the published architectures: no dropout and no stochastic depth.
 
-Input sizes: ``LeNet300`` and ``MLP`` take ``[N, features]``; ``ResNet``, ``SENet`` and
+Input sizes: ``LeNet300`` and ``MLP`` take ``[N, features]``. ``ResNet``, ``SENet`` and
 ``MobileNetV2`` are sized for ``[N, 1, 28, 28]`` (Fashion-MNIST) but accept any spatial size
-that survives their strides; ``ConvNeXt`` downsamples by 32, so it needs at least 32x32.
+that survives their strides. ``ConvNeXt`` downsamples by 32, so it needs at least 32x32.
 """
 
 from __future__ import annotations
@@ -351,12 +351,12 @@ class ConvNeXt(nn.Module):
 
 
 def convnext_tiny(num_classes: int = 1000, **kwargs) -> ConvNeXt:
-    """ConvNeXt-T: depths (3, 3, 9, 3), dims (96, 192, 384, 768), about 28.6M parameters at 1000 classes."""
+    """Build ConvNeXt-T: depths (3, 3, 9, 3), dims (96, 192, 384, 768), 28,589,128 parameters at 1000 classes."""
     return ConvNeXt(num_classes=num_classes, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), **kwargs)
 
 
 def convnext_small_test(num_classes: int = 10, **kwargs) -> ConvNeXt:
-    """A ConvNeXt small enough for unit tests: depths (1, 1, 1, 1), dims (8, 16, 32, 64).
+    """Build a ConvNeXt small enough for unit tests: depths (1, 1, 1, 1), dims (8, 16, 32, 64).
 
     This is not the published ConvNeXt-S. It takes ``[N, 3, 32, 32]`` by default.
     """
