@@ -162,7 +162,7 @@ def _stamp_provenance(result: MinimizeResult) -> None:
     for prop in list(props):
         if prop.key == PROVENANCE_KEY:
             props.remove(prop)
-    props.add(key=PROVENANCE_KEY, value=json.dumps(record, sort_keys=True))
+    props.add(key=PROVENANCE_KEY, value=json.dumps(record, sort_keys=True, separators=(",", ":")))
 
 
 def minimize_file(
