@@ -107,7 +107,11 @@ def minimize(
         for change in changes:
             _record(history, change)
 
-    if not model.graph.value_info:
+    if rounds == 0:
+        # Nothing to remove: hand back the input itself rather than its normalized form.
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+    elif not model.graph.value_info:
         # Keep the output no larger than the input when the input carried no shape info.
         del current.graph.value_info[:]
 

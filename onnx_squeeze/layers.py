@@ -221,8 +221,9 @@ def _match_matmul(index: GraphIndex, node_index: int, node: onnx.NodeProto) -> L
     if reason:
         return reason
     rank = index.rank(x_name)
-    if rank is None or rank < 2:
-        return f"MatMul input '{x_name}' has unknown rank or rank below 2"
+    if rank is None:
+        return f"MatMul input '{x_name}' has unknown rank"
+    # A 1-D input is one vector: its units are axis 0, and so are the output's.
 
     weight = index.array(w_name).astype(np.float64)  # [in, out]
     return Layer(

@@ -1,6 +1,6 @@
 """Bring a loaded model into the form the analysis expects, without touching the original.
 
-The pass works on a copy and does four things:
+The pass works on a copy and does five things:
 
 - turns ``Constant`` nodes into initializers;
 - folds nodes whose inputs are all initializers (for example ``weight_orig * weight_mask``
@@ -8,6 +8,7 @@ The pass works on a copy and does four things:
   evaluator;
 - removes ``Identity`` nodes and inference-mode ``Dropout`` nodes whose output is not a graph
   output, rewiring their consumers to the input;
+- folds shape computations that depend only on static dims (see ``shape_fold``);
 - names unnamed nodes and runs ONNX shape inference so that every tensor has a rank.
 
 It refuses nothing: a node it does not recognize is left as it is for the analysis to treat
@@ -24,6 +25,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .graph import subgraph_references
+from .shape_fold import fold_shape_computations
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_constant_nodes(graph)
     _remove_identities(graph)
     _remove_unused_initializers(graph)
+
+    # Shape computations can only be folded once shape inference has found the static dims.
+    model = fold_shape_computations(infer_shapes(model))
+    _remove_unused_initializers(model.graph)
     return infer_shapes(model)
 
 

@@ -58,11 +58,28 @@ def test_cast_to_integer_is_barrier():
 
 
 def test_runtime_reshape_is_barrier():
+    # The target comes from a second graph input, so no static dims can explain it.
     def between(b, h):
-        batch = b.op("Slice", [b.op("Shape", ["x"]), b.const(np.array([0])), b.const(np.array([1]))])
+        b.inputs.append(onnx.helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [2]))
+        return b.op("Reshape", [h, "target"])
+
+    model = _dead_hidden_model(between)
+    result = onnx_squeeze.minimize(model, verify_outputs=False)
+    assert not result.changed
+    assert any("Reshape with a shape computed at run time" in r.reason for r in result.refusals)
+
+
+def test_shape_computed_reshape_is_folded():
+    # x.view(x.size(0), 8) as exporters write it: Shape -> Slice -> Concat -> Reshape.
+    def between(b, h):
+        batch = b.op("Slice", [b.op("Shape", [h]), b.const(np.array([0])), b.const(np.array([1]))])
         return b.op("Reshape", [h, b.op("Concat", [batch, b.const(np.array([8]))], axis=0)])
 
-    _assert_kept(_dead_hidden_model(between), "Reshape with a shape computed at run time")
+    model = _dead_hidden_model(between)
+    result = onnx_squeeze.minimize(model)
+    assert result.changed
+    assert "Shape" not in [n.op_type for n in result.model.graph.node]
+    assert_same_outputs(model, result.model)
 
 
 def test_shape_reader_is_barrier():

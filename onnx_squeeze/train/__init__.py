@@ -1,1 +1,1 @@
-"""The torch side of onnx_squeeze: reference models, export and weight helpers; nothing in the minimizer imports it."""
+"""The torch side of onnx_squeeze: reference models, export and weight helpers. Nothing in the minimizer imports it."""

@@ -56,8 +56,8 @@ def export_onnx(
             small = [name for name, tensor in zip(input_names, examples) if tensor.shape[0] < 2]
             if small:
                 raise ValueError(
-                    f"example input(s) {small} have batch size 1; pass a batch of at least 2 "
-                    "for a dynamic batch with dynamo=True, or set dynamic_batch=False"
+                    f"example input(s) {small} have batch size 1, which torch.export cannot make dynamic. "
+                    "Pass a batch of at least 2 with dynamo=True, or set dynamic_batch=False"
                 )
             batch = torch.export.Dim(BATCH_DIM)
             dynamic_shapes = tuple({0: batch} for _ in examples)

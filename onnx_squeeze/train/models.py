@@ -1,8 +1,9 @@
 """Reference torch models for tests and experiments, written here without timm or torchvision.
 
-Every model exports with both torch ONNX exporters (``dynamo=False`` and ``dynamo=True``) at
-opset 17; ``tests/test_conv_models.py`` exports each one both ways. The models are
-inference-only copies of the published architectures: no dropout and no stochastic depth.
+Every model exports with both torch ONNX exporters (``dynamo=False`` and ``dynamo=True``), and
+``tests/test_train_export.py`` compares each export with torch. Asked for opset 17, the dynamo
+exporter writes opset 18 for the conv models (see ``export.export_onnx``). The models are
+inference-only versions of the published architectures, without dropout or stochastic depth.
 
 Input sizes: ``LeNet300`` and ``MLP`` take ``[N, features]``. ``ResNet``, ``SENet`` and
 ``MobileNetV2`` are sized for ``[N, 1, 28, 28]`` (Fashion-MNIST) but accept any spatial size
@@ -152,8 +153,8 @@ class ResNet(nn.Module):
     """A small ResNet of basic blocks for ``[N, in_channels, 28, 28]`` inputs.
 
     Stem: conv3x3-BN-ReLU at stride 1 to ``widths[0]``. Stage i has ``blocks_per_stage[i]``
-    blocks of width ``widths[i]``; every stage after the first starts with stride 2. Head:
-    global average pool, flatten, Linear.
+    blocks of width ``widths[i]``, and every stage after the first starts with stride 2.
+    Head: global average pool, flatten, Linear.
     """
 
     def __init__(
@@ -236,8 +237,8 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-# Rows of (expand ratio t, output width c, block count n, stride of the first block s), the
-# notation of the MobileNetV2 paper, with widths and depth cut down for 28x28 inputs.
+# Rows of (expand ratio t, output width c, block count n, stride of the first block s), with
+# widths and depth cut down for 28x28 inputs.
 MOBILENET_V2_SMALL = ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2))
 
 
@@ -293,8 +294,8 @@ class ConvNeXtBlock(nn.Module):
     """ConvNeXt block: 7x7 depthwise conv, channels-last LayerNorm, Linear(C, 4C), GELU,
     Linear(4C, C), per-channel layer scale ``gamma``, residual add.
 
-    ``layer_scale_init`` sets every element of ``gamma``; 0 or less leaves the layer scale
-    out, as the reference implementation does.
+    ``layer_scale_init`` sets every element of ``gamma``. A value of 0 or less leaves the
+    layer scale out.
     """
 
     def __init__(self, dim: int, layer_scale_init: float = 1e-6) -> None:

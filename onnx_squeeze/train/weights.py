@@ -55,7 +55,7 @@ def zero_output_units(layer: nn.Module, units: Sequence[int], bias: float | Sequ
     """Zero the weights that write output ``units`` of a Conv or Linear layer and set their bias.
 
     Output units are axis 0 of the weight for both layer types. ``bias`` is one value for all
-    units or one per unit; None leaves the bias as it is.
+    units or one per unit, and None leaves the bias as it is.
     """
     units = list(units)
     layer.weight[units] = 0.0
@@ -67,7 +67,7 @@ def zero_output_units(layer: nn.Module, units: Sequence[int], bias: float | Sequ
 def zero_input_units(layer: nn.Module, units: Sequence[int]) -> None:
     """Zero the weights that read input ``units`` of a Linear or an ungrouped Conv layer."""
     if getattr(layer, "groups", 1) != 1:
-        raise ValueError(f"{layer}: input units of a grouped conv are not one weight axis; zero its output units instead")
+        raise ValueError(f"{layer}: input units of a grouped conv are not one weight axis. Zero its output units instead")
     layer.weight[:, list(units)] = 0.0
 
 
