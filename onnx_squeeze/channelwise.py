@@ -18,7 +18,8 @@ The algebra: BatchNormalization in inference form is ``scale * (x - mean) / sqrt
 so a channel that is constant ``v`` stays constant ``v * sum(W[c]) + b[c]`` when nothing is
 padded, and becomes ``b[c]`` when its kernel is zero or ``v`` is 0; max and average pooling
 and Resize keep a constant channel constant; InstanceNormalization maps any constant
-channel to its ``B``.
+channel to its ``B``. Expand broadcasts other axes; a target shape that names the channel
+count is rewritten with the new count.
 """
 
 from __future__ import annotations
@@ -247,6 +248,17 @@ def _no_check(node, index):
     return None
 
 
+def _check_expand(node, index):
+    if not index.is_constant(node.input[1]):
+        return "Expand with a shape computed at run time"
+    return None
+
+
+def _expand_out_axis(node, index, axis):
+    rank, out_rank = index.rank(node.input[0]), index.rank(node.output[0])
+    return None if rank is None or out_rank is None else axis + out_rank - rank
+
+
 CHANNEL_OPS: dict[str, ChannelOp] = {
     "BatchNormalization": ChannelOp(_check_batch_norm, _channels_first, _batch_norm, params=(1, 2, 3, 4)),
     "InstanceNormalization": ChannelOp(_constants((1, 2)), _channels_first, _instance_norm, params=(1, 2)),
@@ -262,6 +274,7 @@ CHANNEL_OPS: dict[str, ChannelOp] = {
     "ReduceMax": ChannelOp(_check_reduce, _reduce_out_axis, _same),
     "ReduceMin": ChannelOp(_check_reduce, _reduce_out_axis, _same),
     "Transpose": ChannelOp(_no_check, _transpose_out_axis, _same),
+    "Expand": ChannelOp(_check_expand, _expand_out_axis, _same),
     "Squeeze": ChannelOp(_check_squeeze, _squeeze_out_axis, _same),
     "Unsqueeze": ChannelOp(_check_squeeze, _unsqueeze_out_axis, _same),
 }

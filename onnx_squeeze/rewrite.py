@@ -257,6 +257,13 @@ def _slice_channel_params(plan: Plan, edits: _Edits, graph) -> list[LayerChange]
             sizes = edits.get(position, 3).copy()
             sizes[plan.space.axis[node.output[0]]] = len(keep)
             edits.set(position, 3, sizes)
+        if node.op_type == "Expand":
+            # The target shape lines up with the output from the right; a 1 there broadcasts.
+            target = edits.get(position, 1).copy()
+            slot = plan.space.axis[node.output[0]] - (index.rank(node.output[0]) - len(target))
+            if slot >= 0 and target[slot] == plan.space.size[node.output[0]]:
+                target[slot] = len(keep)
+                edits.set(position, 1, target)
     return changes
 
 

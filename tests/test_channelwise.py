@@ -64,6 +64,8 @@ CHANNEL_OPS = {
                                     (np.linspace(0.5, 1.5, 6), np.linspace(-1, 1, 6), np.linspace(-0.2, 0.2, 6), np.linspace(0.5, 2, 6))]]),
     "Transpose there and back": lambda b, h: b.op("Transpose", [b.op("Relu", [b.op("Transpose", [h], perm=[0, 2, 3, 1])])], perm=[0, 3, 1, 2]),
     "ReduceMean over space": lambda b, h: b.op("ReduceMean", [h], axes=[2, 3], keepdims=1),
+    "Expand over space": lambda b, h: b.op(
+        "Add", [h, b.op("Expand", [b.op("ReduceMean", [h], axes=[2, 3], keepdims=1), b.const(np.array([1, 6, 8, 8]))])]),
     "spatial mask": lambda b, h: b.op("Mul", [h, b.op("Sigmoid", [b.op("ReduceMean", [h], axes=[1], keepdims=1)])]),
 }
 
