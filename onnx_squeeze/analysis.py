@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .channelwise import CHANNEL_OPS
+from .constants import propagate_constants
 from .graph import GraphIndex
-from .index_ops import slice_selection, slice_spec, split_axis, split_sizes
+from .index_ops import selections
 from .layers import Layer, match_layer
 from .ops import BINARY_OPS, UNARY_OPS
 from .units import (
@@ -110,7 +110,7 @@ def analyze(index: GraphIndex, *, prune_inputs: bool = False) -> Plan:
 
     pins: dict[int, str] = {}
     gather_inputs = _couple(index, roles, space, pins, prune_inputs=prune_inputs)
-    known, value = _propagate_constants(index, roles, space)
+    known, value = propagate_constants(index, roles, space)
     removed, refusals = _decide(index, roles, space, pins, known, value)
 
     # A prunable input read only by Gathers on its channel axis keeps its shape: removing
@@ -230,29 +230,6 @@ def _couple_elementwise(index: GraphIndex, node, space: UnitSpace, pins: dict[in
                 _pin(space, pins, output, f"{where}: constant '{name}' does not broadcast per channel")
 
 
-def selections(index: GraphIndex, node, space: UnitSpace) -> list[tuple[str, np.ndarray]] | None:
-    """For Split and Slice on the channel axis: (output, selected input positions) pairs.
-
-    Returns an empty list when the op does not cut the channel axis, and None when the
-    selection cannot be followed (a Slice of the channel axis together with other axes).
-    """
-    source = node.input[0]
-    axis, size = space.axis[source], space.size[source]
-    if node.op_type == "Split":
-        if split_axis(node, index) != axis:
-            return []
-        sizes = split_sizes(node, index, size)
-        offsets = np.cumsum([0, *sizes])
-        return [(name, np.arange(offsets[i], offsets[i + 1])) for i, name in enumerate(node.output) if name]
-    spec = slice_spec(node, index)
-    selected = slice_selection(spec, axis, size)
-    if selected is None:
-        return []
-    if len(spec.axes) > 1:
-        return None
-    return [(node.output[0], selected)]
-
-
 def _couple_selection(index: GraphIndex, node, space: UnitSpace, pins: dict[int, str], where: str) -> None:
     source = node.input[0]
     outputs = [name for name in node.output if name]
@@ -314,158 +291,6 @@ def _couple_concat(index: GraphIndex, node, space: UnitSpace, pins: dict[int, st
             offset += len(ids)
         else:
             space.union_many(ids, space.ids(output))
-
-
-def _constant_per_unit(index: GraphIndex, name: str, output: str, out_axis: int, size: int) -> np.ndarray | None:
-    """Return a per-unit view of a constant operand, or None if it varies along other axes."""
-    array = index.array(name).astype(np.float64)
-    axis = aligned_axis(index, name, output, out_axis)
-    if axis is None or array.shape[axis] == 1:
-        flat = array.reshape(-1)
-        return np.full(size, flat[0]) if np.all(flat == flat[0]) else None
-    moved = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
-    if not np.all(moved == moved[:, :1]):
-        return None
-    return moved[:, 0].copy()
-
-
-def _propagate_constants(index: GraphIndex, roles: list[NodeRole], space: UnitSpace) -> tuple[np.ndarray, np.ndarray]:
-    """Forward pass: which units hold a known constant for every input, and its value."""
-    known = np.zeros(space.total, dtype=bool)
-    value = np.zeros(space.total, dtype=np.float64)
-
-    with np.errstate(all="ignore"):
-        for position, node in enumerate(index.nodes):
-            role = roles[position]
-            output = node.output[0] if node.output else ""
-            if not space.has(output):
-                continue
-            out_ids = space.ids(output)
-
-            if role.kind == "layer":
-                k, v = _layer_constants(index, role.layer, space, known, value)
-            elif role.kind in ("unary", "binary"):
-                k, v = _elementwise_constants(index, node, space, known, value)
-            elif role.kind == "shape" and space.has(node.input[0]):
-                k, v = _mapped_constants(space, node.input[0], output, known, value)
-            elif role.kind == "concat":
-                k, v = _concat_constants(index, node, space, known, value)
-            elif role.kind == "channel" and space.has(node.input[0]):
-                ids = space.ids(node.input[0])
-                if len(ids) != len(out_ids):
-                    continue
-                k, v = CHANNEL_OPS[role.channel_op].constant(known[ids], value[ids], node, index)
-            elif role.kind in ("split", "slice"):
-                picked = selections(index, node, space) if space.has(node.input[0]) else None
-                if picked is None:
-                    continue
-                ids = space.ids(node.input[0])
-                pairs = picked or [(name, np.arange(len(ids))) for name in node.output if name]
-                for name, selected in pairs:
-                    if space.has(name) and len(selected) == space.size[name]:
-                        known[space.ids(name)] = known[ids[selected]]
-                        value[space.ids(name)] = value[ids[selected]]
-                continue
-            elif role.kind == "gather" and space.has(node.input[0]):
-                ids = space.ids(node.input[0])
-                if gather_axis(index, node) == space.axis[node.input[0]]:
-                    ids = ids[index.array(node.input[1]).astype(np.int64) % len(ids)]
-                k, v = known[ids], value[ids]
-            else:
-                continue
-            if k is None:
-                continue
-            k = k & np.isfinite(v)
-            known[out_ids] = k
-            value[out_ids] = np.where(k, v, 0.0)
-    return known, value
-
-
-def _layer_constants(index, layer: Layer, space, known, value):
-    if space.has(layer.input):
-        ids = space.ids(layer.input)
-        k = ~(layer.reads & ~known[ids][None, :]).any(axis=1)
-        if not layer.absorbs_constants:
-            # Padding or overlapping taps make a nonzero constant input vary over positions.
-            k &= ~(layer.reads & (known[ids] & (value[ids] != 0))[None, :]).any(axis=1)
-        v = layer.matrix @ np.where(known[ids], value[ids], 0.0)
-    else:
-        k = ~layer.reads.any(axis=1)
-        v = np.zeros(layer.out_units)
-    node = index.nodes[layer.node]
-    has_bias = len(node.input) > 2 and node.input[2] != ""
-    if has_bias and not layer.replace_bias:
-        bias = index.array(node.input[2]).astype(np.float64).reshape(-1)
-        v = v + layer.bias.divisor * np.broadcast_to(bias, v.shape)
-    return k, v
-
-
-def _elementwise_constants(index, node, space, known, value):
-    output = node.output[0]
-    out_axis, size = space.axis[output], space.size[output]
-    operands = []
-    for slot, name in enumerate(node.input):
-        if not name or (node.op_type in UNARY_OPS and slot > 0):
-            continue
-        if index.is_constant(name):
-            per_unit = _constant_per_unit(index, name, output, out_axis, size)
-            if per_unit is None:
-                return None, None
-            operands.append((np.ones(size, dtype=bool), per_unit))
-        elif space.has(name) and space.size[name] == size:
-            ids = space.ids(name)
-            operands.append((known[ids], value[ids]))
-        else:
-            operands.append((np.zeros(size, dtype=bool), np.zeros(size)))
-
-    if node.op_type in UNARY_OPS:
-        k, v = operands[0]
-        return k, UNARY_OPS[node.op_type](v, node, index)
-
-    fn = BINARY_OPS[node.op_type]
-    if node.op_type == "Where":
-        (kc, vc), (kx, vx), (ky, vy) = operands
-        # The output is known where the condition is known and the branch it picks is known.
-        return kc & np.where(vc != 0, kx, ky), fn(vc, vx, vy)
-    k, v = operands[0]
-    for k2, v2 in operands[1:]:
-        if node.op_type == "Mul":
-            # A known zero times any finite value is zero, so a dead channel stays dead
-            # through a gate or a mask.
-            zero = (k & (v == 0)) | (k2 & (v2 == 0))
-            k, v = (k & k2) | zero, np.where(zero, 0.0, fn(v, v2))
-        else:
-            k, v = k & k2, fn(v, v2)
-    return k, v
-
-
-def _mapped_constants(space, source, output, known, value):
-    k = np.zeros(space.size[output], dtype=bool)
-    v = np.zeros(space.size[output])
-    src_ids = space.ids(source)
-    out_ids = space.ids(output)
-    # Units of the output are unioned with their source channel; copy through that link.
-    roots = {space.find(int(u)): i for i, u in enumerate(src_ids)}
-    for j, unit in enumerate(out_ids.tolist()):
-        i = roots.get(space.find(unit))
-        if i is not None:
-            k[j], v[j] = known[src_ids[i]], value[src_ids[i]]
-    return k, v
-
-
-def _concat_constants(index, node, space, known, value):
-    output = node.output[0]
-    parts_k, parts_v = [], []
-    for name in node.input:
-        if not space.has(name):
-            return None, None
-        ids = space.ids(name)
-        parts_k.append(known[ids])
-        parts_v.append(value[ids])
-    k, v = np.concatenate(parts_k), np.concatenate(parts_v)
-    if len(k) != space.size[output]:
-        return None, None  # concatenated along another axis
-    return k, v
 
 
 def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[Refusal]]:

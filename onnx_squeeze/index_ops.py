@@ -110,13 +110,13 @@ def slice_selection(spec: SliceSpec, axis: int, size: int) -> np.ndarray | None:
     i = spec.axes.index(axis)
     start, end, step = spec.starts[i], spec.ends[i], spec.steps[i]
     # Python's slice clamps exactly as the ONNX Slice operator specifies.
-    return np.arange(size)[slice(int(max(min(start, INT64_MAX), -INT64_MAX)), int(max(min(end, INT64_MAX), INT64_MIN + 1)), int(step))]
+    return np.arange(size)[slice(int(start), int(end), int(step))]
 
 
 def rewrite_slice(spec: SliceSpec, axis: int, old_size: int, new_positions: np.ndarray, new_size: int) -> tuple[int, int, int] | None:
     """New (start, end, step) on ``axis`` selecting ``new_positions``, or None for a Gather."""
     i = spec.axes.index(axis)
-    start, end, step = spec.starts[i], spec.ends[i], spec.steps[i]
+    end, step = spec.ends[i], spec.steps[i]
     if len(new_positions) > 1 and not (np.diff(new_positions) == step).all():
         return None
     first, last = int(new_positions[0]), int(new_positions[-1])
@@ -127,3 +127,26 @@ def rewrite_slice(spec: SliceSpec, axis: int, old_size: int, new_positions: np.n
     if step < 0 and new_end < 0:
         new_end = INT64_MIN
     return first, new_end, step
+
+
+def selections(index: GraphIndex, node, space) -> list[tuple[str, np.ndarray]] | None:
+    """For Split and Slice on the channel axis: (output, selected input positions) pairs.
+
+    Returns an empty list when the op does not cut the channel axis, and None when the
+    selection cannot be followed (a Slice of the channel axis together with other axes).
+    """
+    source = node.input[0]
+    axis, size = space.axis[source], space.size[source]
+    if node.op_type == "Split":
+        if split_axis(node, index) != axis:
+            return []
+        sizes = split_sizes(node, index, size)
+        offsets = np.cumsum([0, *sizes])
+        return [(name, np.arange(offsets[i], offsets[i + 1])) for i, name in enumerate(node.output) if name]
+    spec = slice_spec(node, index)
+    selected = slice_selection(spec, axis, size)
+    if selected is None:
+        return []
+    if len(spec.axes) > 1:
+        return None
+    return [(node.output[0], selected)]

@@ -25,9 +25,8 @@ from .analysis import Plan
 from .layers import Layer
 from .normalize import infer_shapes
 from .ops import BINARY_OPS
-from .analysis import selections
 from .channelwise import CHANNEL_OPS
-from .index_ops import rewrite_slice, slice_spec
+from .index_ops import rewrite_slice, selections, slice_spec
 from .units import aligned_axis, gather_axis
 
 logger = logging.getLogger(__name__)
