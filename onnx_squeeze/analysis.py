@@ -178,6 +178,12 @@ def _couple(index: GraphIndex, roles: list[NodeRole], space: UnitSpace, pins: di
     for name in index.graph_outputs:
         _pin(space, pins, name, f"'{name}' is a graph output")
 
+    # An If/Loop/Scan body may read any outer tensor by name; its units must all stay.
+    for name, uses in index.consumers.items():
+        for use in uses:
+            if use.slot == -1:
+                _pin(space, pins, name, f"'{name}' is read inside the body of node '{index.node_name(use.node)}'")
+
     # A graph input, or a reshape of one, can lose unused features through a Gather.
     prunable = []
     for name in sorted(sources | set(index.graph_inputs)):

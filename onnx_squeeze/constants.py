@@ -4,13 +4,15 @@ A weight op's output unit is known when every input unit its row reads is known
 (``z_o = sum_j W[o, j] c_j + b_o``); a conv that pads its input, or a ConvTranspose, also
 needs those constants to be exactly zero. Element-wise and channel-wise ops map constants
 through their tables; Flatten, Concat, Split, Slice and Gather copy them to the positions
-they move to. A value that is NaN or infinite counts as unknown, so such a unit is never
+they move to. Every value is rounded to its tensor's element type after each op, as the
+runtime stores it. A value that is NaN or infinite counts as unknown, so such a unit is never
 folded.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .channelwise import CHANNEL_OPS
 from .graph import GraphIndex
@@ -18,6 +20,21 @@ from .index_ops import selections
 from .layers import Layer
 from .ops import BINARY_OPS, UNARY_OPS
 from .units import NodeRole, UnitSpace, aligned_axis, gather_axis
+
+
+_ROUNDING = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+}
+
+
+def _round_to_type(values: np.ndarray, elem_type: int | None) -> np.ndarray:
+    """Round to the tensor's element type, as the runtime stores it (a Cast to float16 included)."""
+    dtype = _ROUNDING.get(elem_type)
+    if dtype is None:
+        return values
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(values, dtype=np.float64).astype(dtype).astype(np.float64)
 
 
 def constant_per_unit(index: GraphIndex, name: str, output: str, out_axis: int, size: int) -> np.ndarray | None:
@@ -79,6 +96,7 @@ def propagate_constants(index: GraphIndex, roles: list[NodeRole], space: UnitSpa
                 continue
             if k is None:
                 continue
+            v = _round_to_type(v, index.elem_types.get(output))
             k = k & np.isfinite(v)
             known[out_ids] = k
             value[out_ids] = np.where(k, v, 0.0)

@@ -58,10 +58,8 @@ class GraphIndex:
         # Tensors that If/Loop/Scan bodies read from the outer scope count as used by the
         # node that holds the body, in slot -1.
         for index, node in enumerate(self.nodes):
-            for attr in node.attribute:
-                for body in _bodies(attr):
-                    for name in subgraph_references(body):
-                        self.consumers.setdefault(name, []).append(Use(index, -1))
+            for name in sorted(body_reads(node)):
+                self.consumers.setdefault(name, []).append(Use(index, -1))
 
         self.shapes: dict[str, tuple[Dim, ...] | None] = {}
         self.elem_types: dict[str, int] = {}
@@ -142,12 +140,19 @@ def _bodies(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return []
 
 
+def body_reads(node: onnx.NodeProto) -> set[str]:
+    """Return every tensor name read inside the bodies of ``node`` (If, Loop, Scan)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for body in _bodies(attr):
+            names.update(name for inner in body.node for name in inner.input if name)
+            names.update(subgraph_references(body))
+    return names
+
+
 def subgraph_references(graph: onnx.GraphProto) -> set[str]:
     """Return every tensor name that the node bodies nested in ``graph`` read."""
     names: set[str] = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for body in _bodies(attr):
-                names.update(name for inner in body.node for name in inner.input if name)
-                names.update(subgraph_references(body))
+        names.update(body_reads(node))
     return names

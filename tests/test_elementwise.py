@@ -114,6 +114,17 @@ def test_dead_unit_constant_through_newer_op(op_name, bias):
     _check_folded(_build(make_op, bias, opset=opset))
 
 
+def test_cast_to_float16_rounds_constant():
+    # 1.0004 is 1.0 in float16: the folded constant must be the rounded one.
+    def cast_round_trip(b, h):
+        return b.op("Cast", [b.op("Cast", [h], to=10)], to=1)
+
+    model = _build(cast_round_trip, 1.0004)
+    result = onnx_squeeze.minimize(model, seed=1)
+    assert result.changed
+    assert_same_outputs(model, result.model, atol=TIGHT, rtol=TIGHT)
+
+
 def test_sqrt_of_negative_constant_is_kept():
     # sqrt(-1.3) is NaN: the unit carries no finite constant, so it must stay.
     model = _build(lambda b, h: b.op("Sqrt", [b.op("Abs", [h])]), -1.3)

@@ -148,3 +148,35 @@ def test_operand_from_barrier_pins_units():
         return b.op("Add", [h, b.op("Mul", [z, b.const(np.float32(0.0))])])
 
     _assert_kept(_dead_hidden_model(between), "(Softmax): Softmax is not supported")
+
+
+def test_tensor_read_inside_if_body_is_kept():
+    # The then-branch reads h from the outer scope; it runs only when max(x) > 10, which the
+    # random check inputs never reach, so only the analysis can protect it.
+    model = _dead_hidden_model(lambda b, h: b.op("Relu", [h]))
+    hidden = model.graph.node[1].output[0]
+    vi = onnx.helper.make_tensor_value_info
+    axes = onnx.numpy_helper.from_array(np.array([1], np.int64), "axes_then")
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceSum", [hidden, "axes_then"], ["side_then"], keepdims=1)],
+        "then", [], [vi("side_then", onnx.TensorProto.FLOAT, None)], [axes])
+    axes_else = onnx.numpy_helper.from_array(np.array([1], np.int64), "axes_else")
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceSum", ["x", "axes_else"], ["side_else"], keepdims=1)],
+        "else", [], [vi("side_else", onnx.TensorProto.FLOAT, None)], [axes_else])
+    output = model.graph.output[0].name
+    model.graph.output[0].name = "main"
+    model.graph.node[-1].output[0] = "main"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(10, np.float32), "ten"))
+    model.graph.node.extend([
+        onnx.helper.make_node("ReduceMax", ["x"], ["max_x"], keepdims=0),
+        onnx.helper.make_node("Greater", ["max_x", "ten"], ["condition"]),
+        onnx.helper.make_node("If", ["condition"], ["side"], then_branch=then_branch, else_branch=else_branch),
+        onnx.helper.make_node("Add", ["main", "side"], [output]),
+    ])
+    model.graph.output[0].name = output
+    onnx.checker.check_model(model)
+
+    result = onnx_squeeze.minimize(model)
+    assert not result.changed
+    assert any("is read inside the body of node" in r.reason for r in result.refusals)
