@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Refusal:
-    """A unit class kept for a reason other than being live; ``units`` counts its members."""
+    """Unit classes kept for one reason other than being live; ``units`` counts the classes."""
 
     reason: str
     tensors: list[str]
@@ -75,6 +75,10 @@ class Plan:
     @property
     def changed(self) -> bool:
         return bool(self.removed.any())
+
+    def removed_classes(self) -> int:
+        """Return how many coupled unit classes (channels, neurons) this round removes."""
+        return len(np.unique(self.space.roots()[self.removed]))
 
     def keep(self, tensor: str) -> np.ndarray | None:
         """Return the kept indices of ``tensor``, or None if it keeps all of them."""
@@ -368,7 +372,7 @@ def _refusals(space: UnitSpace, roots: np.ndarray, known: np.ndarray, reasons: d
         if reason.endswith("is a graph output") and not known[members].any():
             continue
         refusal = by_reason.setdefault(reason, Refusal(reason, [], 0))
-        refusal.units += len(members)
+        refusal.units += 1
         refusal.tensors = sorted(set(refusal.tensors) | {names[i] for i in np.unique(unit_tensor[members])})
     return list(by_reason.values())
 

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import __version__
 from .analysis import Refusal, analyze
 from .errors import InputsError, OutputError, VerificationError
 from .graph import GraphIndex
-from .io import load_model, model_files_size, save_model
+from .io import external_data_locations, external_data_name, load_model, model_files_size, save_model
 from .normalize import normalize
 from .report import PROVENANCE_KEY, build_report, provenance
+from .stats import model_stats
 from .rewrite import LayerChange, apply_plan
-from .verify import DEFAULT_BATCH_SIZES, DEFAULT_SEED, Verification, verify
+from .verify import DEFAULT_BATCH_SIZES, DEFAULT_SEED, Verification, check_user_inputs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +104,15 @@ def minimize(
         rounds += 1
         assert rounds <= MAX_ROUNDS, "minimization did not reach a fixed point"
         current, changes = apply_plan(plan)
-        removed = int(plan.removed.sum())
-        logger.info("round %d: removed %d units in %d tensors", rounds, removed, len(changes))
+        logger.info("round %d: removed %d units (channels or neurons) from %d weight tensors",
+                    rounds, plan.removed_classes(), len(changes))
         for change in changes:
             _record(history, change)
 
+    if rounds and _grew(model, current):
+        # Copies of shared weights or Gather indices can outweigh what was removed.
+        logger.warning("the minimized model would be larger than the input; returning the input unchanged")
+        rounds, history = 0, {}
     if rounds == 0:
         # Nothing to remove: hand back the input itself rather than its normalized form.
         current = onnx.ModelProto()
@@ -137,6 +143,19 @@ def minimize(
     result.report = build_report(model, normalized, result)
     _stamp_provenance(result)
     return result
+
+
+def _grew(original: onnx.ModelProto, minimized: onnx.ModelProto) -> bool:
+    """Return True if the minimized model has more parameters or more bytes than the input."""
+    before, after = model_stats(original), model_stats(minimized)
+    if after.params > before.params:
+        return True
+    return _graph_bytes(minimized) > _graph_bytes(original)
+
+
+def _graph_bytes(model: onnx.ModelProto) -> int:
+    # Tensor data only: names and shape information change by a few bytes either way.
+    return sum(numpy_helper.to_array(tensor).nbytes for tensor in model.graph.initializer)
 
 
 def _record(history: dict[str, LayerHistory], change: LayerChange) -> None:
@@ -184,18 +203,15 @@ def minimize_file(
     With ``output_path`` None nothing is written; this is what ``onnx-squeeze inspect`` does.
     """
     input_path = Path(input_path)
-    if output_path is not None:
-        output_path = Path(output_path)
-        if output_path.resolve() == input_path.resolve():
-            raise OutputError(
-                f"{output_path}: the output path is the input model; choose another -o path "
-                "so that the original is kept"
-            )
+    output_path = Path(output_path) if output_path is not None else None
+    report_path = Path(report_path) if report_path is not None else None
     model = load_model(input_path)
+    _check_paths(input_path, output_path, report_path, external_data=external_data)
 
     if inputs_path is not None:
         options["inputs"] = load_inputs(inputs_path)
         options["inputs_source"] = str(inputs_path)
+        check_user_inputs(model, options["inputs"], str(inputs_path))
 
     result = minimize(model, **options)
     result.report["input"] = str(input_path)
@@ -209,7 +225,7 @@ def minimize_file(
         result.report["output"] = str(output_path)
         result.report["bytes_after"] = model_files_size(output_path)
     if report_path is not None:
-        _write_json(result.report, Path(report_path))
+        _write_json(result.report, report_path)
     if failed:
         raise VerificationError(
             f"{input_path}: verification failed: {result.verification.message}; "
@@ -218,15 +234,49 @@ def minimize_file(
     return result
 
 
+def _check_paths(input_path: Path, output_path: Path | None,
+                 report_path: Path | None, *, external_data: bool) -> None:
+    """Reject output and report paths that would overwrite an input file or each other."""
+    protected = {input_path.resolve(): "the input model"}
+    for location in external_data_locations(onnx.load(str(input_path), load_external_data=False)):
+        protected[(input_path.parent / location).resolve()] = f"the input's external data file '{location}'"
+
+    targets = []
+    if output_path is not None:
+        targets.append((output_path, "-o"))
+        if external_data:
+            targets.append((output_path.parent / external_data_name(output_path), "-o (its .data file)"))
+    if report_path is not None:
+        targets.append((report_path, "--report"))
+
+    for path, option in targets:
+        resolved = path.resolve()
+        if resolved in protected:
+            raise OutputError(f"{path}: the {option} path is {protected[resolved]}; choose another path so that it is kept")
+        directory = path.parent
+        if directory.exists() and not directory.is_dir():
+            raise OutputError(f"{path}: {directory} is not a directory; choose another {option} path")
+        if not directory.is_dir():
+            raise OutputError(f"{path}: output directory {directory} does not exist; create it first")
+        protected[resolved] = f"the {option} path"
+
+
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
+    hint = "write it with numpy.savez(path, **{input_name: array})"
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        archive = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
-        raise InputsError(f"{path}: inputs file not found; pass an .npz file written by numpy.savez") from exc
+        raise InputsError(f"{path}: inputs file not found; pass an .npz file ({hint})") from exc
     except (OSError, ValueError) as exc:
-        raise InputsError(f"{path}: not a readable .npz archive ({exc}); write it with numpy.savez") from exc
+        raise InputsError(f"{path}: not an .npz archive; {hint}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputsError(f"{path}: holds a single array, not an .npz archive of named arrays; {hint}")
+    with archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except ValueError as exc:
+            raise InputsError(f"{path}: an array in the archive cannot be read ({exc}); {hint}") from exc
 
 
 def _write_json(report: dict, path: Path) -> None:
@@ -235,7 +285,8 @@ def _write_json(report: dict, path: Path) -> None:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        raise OutputError(f"{path}: failed to write the report ({exc})") from exc
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: failed to write the report ({exc.strerror})") from exc
 
 
 __all__ = ["MinimizeResult", "minimize", "minimize_file", "load_inputs", "__version__"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from .errors import ModelLoadError, OutputError
 
@@ -84,10 +85,8 @@ def check_model(model: onnx.ModelProto, path: Path | str) -> None:
                 _write_model(model, tmp_path, external_data=True)
                 onnx.checker.check_model(str(tmp_path))
     except onnx.checker.ValidationError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise ModelLoadError(
-            f"{path}: rejected by onnx.checker: {first_line}; fix or re-export the model"
-        ) from exc
+        message = " ".join(str(exc).split())[:400] or repr(exc)
+        raise ModelLoadError(f"{path}: rejected by onnx.checker: {message}; fix or re-export the model") from exc
 
 
 def external_data_name(path: Path) -> str:
@@ -103,6 +102,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{path}: {directory} is not a directory; choose another -o path")
     if not directory.is_dir():
         raise OutputError(f"{path}: output directory {directory} does not exist; create it first")
     if path.is_dir():
@@ -150,26 +151,48 @@ def _umask() -> int:
 
 
 def _write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, data_name: str | None = None) -> None:
-    if external_data:
-        # Work on a copy: convert_model_to_external_data rewrites the tensors in place.
-        model = _copy(model)
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name or external_data_name(path),
-            size_threshold=0,
-        )
-    else:
+    if not external_data:
         with open(path, "wb") as stream:
             stream.write(model.SerializeToString())
+        return
+
+    # onnx.save_model(save_as_external_data=True) refuses to run when a file of the data
+    # file's name exists in the current directory, so the tensors are written here instead.
+    data_name = data_name or external_data_name(path)
+    model = _copy(model)
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_type == onnx.TensorProto.STRING or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            raw = numpy_helper.to_array(tensor).tobytes()
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            data.write(raw)
+            offset += len(raw)
+    with open(path, "wb") as stream:
+        stream.write(model.SerializeToString())
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def external_data_locations(model: onnx.ModelProto) -> set[str]:
+    """Return the external-data file names that ``model``'s tensors were read from."""
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return locations
 
 
 def model_files_size(path: Path) -> int:

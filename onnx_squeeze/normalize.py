@@ -93,11 +93,10 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
-    taken = {node.name for node in graph.node if node.name}
+    """Give every node a unique name: reports and the layer history are keyed by it."""
+    taken: set[str] = set()
     for index, node in enumerate(graph.node):
-        if node.name:
-            continue
-        name = f"{node.op_type}_{index}"
+        name = node.name or f"{node.op_type}_{index}"
         while name in taken:
             name += "_"
         node.name = name
@@ -137,6 +136,9 @@ def _fold_constant_nodes(graph: onnx.GraphProto) -> None:
         except Exception as exc:  # noqa: BLE001 - any evaluator failure just means "do not fold"
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
             kept.append(node)
+            continue
+        if sum(np.asarray(v).size for v in values) > sum(int(np.prod(t.dims)) for t in inputs):
+            kept.append(node)  # folding would store a larger tensor than it removes (a broadcast)
             continue
         for name, value in zip(node.output, values):
             tensor = numpy_helper.from_array(np.asarray(value), name)

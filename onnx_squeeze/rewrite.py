@@ -157,7 +157,8 @@ def _rewrite_layer(plan: Plan, layer: Layer, edits: _Edits, graph, inserted) -> 
 
 def _rewrite_gemm_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits, node) -> None:
     has_c = len(node.input) > 2 and node.input[2] != ""
-    if has_c and not layer.replace_bias:
+    if has_c and (not layer.replace_bias or delta is None):
+        # With beta == 0 and nothing to fold, C is ignored but must still match the width.
         current = edits.get(layer.node, 2)
         if delta is None and current.size != layer.out_units:
             return  # a scalar C broadcasts to any width
@@ -172,10 +173,7 @@ def _rewrite_gemm_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits,
     # No C, or C ignored because beta == 0: C becomes the fold and beta becomes 1.
     dtype = plan.index.array(layer.weight).dtype
     name = edits.add_initializer(f"{node.name}_folded_bias", _take(delta, keep_out, 0).astype(dtype))
-    if has_c:
-        node.input[2] = name
-    else:
-        node.input.append(name)
+    _set_input(node, 2, name)
     _set_attribute(node, "beta", 1.0)
 
 
@@ -187,7 +185,7 @@ def _rewrite_conv_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits,
         edits.set(layer.node, 2, _take(bias, keep_out, 0).astype(edits.get(layer.node, 2).dtype))
     elif delta is not None:
         dtype = plan.index.array(layer.weight).dtype
-        node.input.append(edits.add_initializer(f"{node.name}_folded_bias", _take(delta, keep_out, 0).astype(dtype)))
+        _set_input(node, 2, edits.add_initializer(f"{node.name}_folded_bias", _take(delta, keep_out, 0).astype(dtype)))
 
 
 def _fold_into_matmul_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits, node, inserted) -> None:
@@ -437,6 +435,13 @@ def _drop_unused_initializers(graph) -> None:
     kept = [t for t in graph.initializer if t.name in used or t.name in listed]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def _set_input(node: onnx.NodeProto, slot: int, name: str) -> None:
+    """Fill an optional input slot, which may be absent or present as an empty name."""
+    while len(node.input) <= slot:
+        node.input.append("")
+    node.input[slot] = name
 
 
 def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputsError
+from .errors import InputsError, UnsupportedModelError
 from .io import PROTOBUF_LIMIT_BYTES, save_model
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,15 @@ DEFAULT_SEED = 0
 # Relative errors are reported only where |original| exceeds this, so that outputs near
 # zero do not dominate the figure.
 RELATIVE_ERROR_FLOOR = 1e-6
+
+RUNTIME_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    ort.capi.onnxruntime_pybind11_state.NotImplemented,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ort.capi.onnxruntime_pybind11_state.NoSuchFile,
+)
 
 _NUMPY_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -73,7 +82,8 @@ class Verification:
 
 def _session(model: onnx.ModelProto, tmp_dir: Path, label: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Failures come back as exceptions with the same text, so the runtime's own log stays quiet.
+    options.log_severity_level = 4
     if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     path = tmp_dir / f"{label}.onnx"
@@ -144,18 +154,42 @@ def verify(
 
     result = Verification(passed=True, max_abs_error=0.0, max_rel_error=0.0)
     with tempfile.TemporaryDirectory(prefix="onnx_squeeze-verify-") as tmp:
-        reference = _session(original, Path(tmp), "original")
-        candidate = _session(minimized, Path(tmp), "minimized")
+        try:
+            reference = _session(original, Path(tmp), "original")
+        except RUNTIME_ERRORS as exc:
+            raise UnsupportedModelError(
+                f"onnxruntime cannot load the input model ({first_line(exc)}); the model cannot be "
+                "verified, so it is not minimized"
+            ) from exc
+        try:
+            candidate = _session(minimized, Path(tmp), "minimized")
+        except RUNTIME_ERRORS as exc:
+            _fail(result, f"onnxruntime cannot load the minimized model ({first_line(exc)})")
+            return result
+
         output_names = [o.name for o in original.graph.output]
         for label, feeds in cases:
             result.cases.append(label)
             try:
                 expected = reference.run(output_names, feeds)
-            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
-                raise InputsError(f"{label}: the original model failed to run on these inputs ({exc})") from exc
-            actual = candidate.run(output_names, feeds)
+            except RUNTIME_ERRORS as exc:
+                raise InputsError(
+                    f"{label}: the original model failed to run on these inputs ({first_line(exc)}); "
+                    "pass --batch with sizes valid for every dynamic dim, or your own inputs with --inputs"
+                ) from exc
+            try:
+                actual = candidate.run(output_names, feeds)
+            except RUNTIME_ERRORS as exc:
+                _fail(result, f"{label}: the minimized model failed to run ({first_line(exc)})")
+                continue
             _compare(result, label, output_names, expected, actual, rtol, atol)
     return result
+
+
+def first_line(exc: Exception) -> str:
+    """Return the first non-empty line of an exception's message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def default_tolerances(dtype: np.dtype) -> tuple[float, float]:

@@ -227,7 +227,7 @@ def test_output_equal_to_input(tmp_path, model_path):
     before = model_path.read_bytes()
     result = invoke("minimize", model_path, "-o", model_path)
     assert result.exit_code == 2
-    assert "the output path is the input model" in _error_line(result)
+    assert "the -o path is the input model" in _error_line(result)
     assert model_path.read_bytes() == before
 
 
@@ -243,3 +243,62 @@ def test_console_script_runs(tmp_path, model_path):
     completed = subprocess.run([executable, "minimize", str(model_path), "-o", str(tmp_path / "o.onnx")],
                                capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_report_path_equal_to_input(tmp_path, model_path):
+    before = model_path.read_bytes()
+    result = invoke("minimize", model_path, "-o", tmp_path / "out.onnx", "--report", model_path)
+    assert result.exit_code == 2
+    assert "the --report path is the input model" in _error_line(result)
+    assert model_path.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_path_equal_to_output(tmp_path, model_path):
+    result = invoke("minimize", model_path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    assert "the --report path is the -o path" in _error_line(result)
+
+
+def test_report_in_missing_directory_writes_nothing(tmp_path, model_path):
+    before = _files(tmp_path)
+    result = invoke("minimize", model_path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "nodir" / "r.json")
+    assert result.exit_code == 2
+    assert "does not exist" in _error_line(result)
+    assert _files(tmp_path) == before
+
+
+def test_output_onto_input_external_data(tmp_path, model):
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data_before = (tmp_path / "ext.onnx.data").read_bytes()
+    result = invoke("minimize", tmp_path / "ext.onnx", "-o", tmp_path / "ext.onnx.data")
+    assert result.exit_code == 2
+    assert "external data file" in _error_line(result)
+    assert (tmp_path / "ext.onnx.data").read_bytes() == data_before
+
+
+def test_external_data_twice_in_output_directory(tmp_path, model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        result = invoke("minimize", model_path, "-o", "m.onnx", "--external-data")
+        assert result.exit_code == 0, result.output
+    assert_same_outputs(onnx.load(model_path), onnx.load(tmp_path / "m.onnx"))
+
+
+def test_inputs_npy_file(tmp_path, model_path):
+    np.save(tmp_path / "in.npy", np.zeros((2, 6), np.float32))
+    result = invoke("minimize", model_path, "-o", tmp_path / "out.onnx", "--inputs", tmp_path / "in.npy")
+    assert result.exit_code == 2
+    assert "not an .npz archive" in _error_line(result)
+
+
+def test_model_rejected_by_onnxruntime(tmp_path, model):
+    # The ONNX checker accepts duplicate node names; onnxruntime does not load such a model.
+    for node in model.graph.node:
+        node.name = "same"
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, path)
+    result = invoke("minimize", path, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    assert "onnxruntime cannot load the input model" in _error_line(result)
+    assert not (tmp_path / "out.onnx").exists()

@@ -175,20 +175,45 @@ def test_whole_layer_dead_keeps_batch_and_no_empty_tensor():
 
 
 def test_shared_initializer_is_copied_not_sliced():
+    # One weight W read by two Gemms that lose different units: the first use keeps rows
+    # 0-2 (its units 3-5 are read by nobody), the second keeps rows 4-5 and columns 0-2.
     rng = np.random.default_rng(11)
     w, bias = weights(rng, 6, 6)
+    w[3:, :] = 0.0  # columns 3-5 of W in [out, in] form: the second use ignores h1 units 3-5
     w_out, b_out = weights(rng, 6, 3)
-    w_out2 = w_out.copy()
-    w_out2[2, :] = 0.0  # unit 2 of the second use is unused, but not of the first
+    w_out[3:, :] = 0.0  # ...and so does the head reading h1
+    w_out2, b_out2 = weights(rng, 6, 3)
+    w_out2[:4, :] = 0.0  # h2 units 0-3 are read by nobody
     b = GraphBuilder()
     shared_w, shared_b = b.const(w.T.copy(), "shared_W"), b.const(bias, "shared_b")
     h1 = b.op("Relu", [b.op("Gemm", ["x", shared_w, shared_b], transB=1)])
     h2 = b.op("Relu", [b.op("Gemm", [h1, shared_w, shared_b], transB=1)])
-    y = b.op("Add", [b.gemm(h2, w_out2, b_out), b.gemm(h1, w_out, None)])
-    result = _minimize(b.model(y))
-    shapes = initializer_shapes(result.model)
-    assert shapes[shared_w] == [6, 6]
-    assert [5, 6] in shapes.values()
+    y = b.op("Add", [b.gemm(h2, w_out2, b_out2), b.gemm(h1, w_out, None)])
+    model = b.model(y)
+    result = _minimize(model)
+
+    shapes = sorted(list(s) for s in initializer_shapes(result.model).values() if len(s) == 2)
+    assert [3, 6] in shapes
+    assert [2, 3] in shapes
+    assert shared_w not in initializer_shapes(result.model) or initializer_shapes(result.model)[shared_w] != [6, 6]
+    assert float_params(result.model) < float_params(model)
+
+
+def test_copies_that_would_grow_the_model_are_not_made():
+    # Removing one unit from only one use of a shared weight would copy it whole.
+    rng = np.random.default_rng(11)
+    w, bias = weights(rng, 6, 6)
+    w_out, b_out = weights(rng, 6, 3)
+    w_out2 = w_out.copy()
+    w_out2[2, :] = 0.0
+    b = GraphBuilder()
+    shared_w, shared_b = b.const(w.T.copy(), "shared_W"), b.const(bias, "shared_b")
+    h1 = b.op("Relu", [b.op("Gemm", ["x", shared_w, shared_b], transB=1)])
+    h2 = b.op("Relu", [b.op("Gemm", [h1, shared_w, shared_b], transB=1)])
+    model = b.model(b.op("Add", [b.gemm(h2, w_out2, b_out), b.gemm(h1, w_out, None)]))
+    result = onnx_squeeze.minimize(model)
+    assert not result.changed
+    assert float_params(result.model) == float_params(model)
 
 
 def test_graph_output_unit_is_kept_even_if_constant():
@@ -327,3 +352,36 @@ def test_outputs_match_user_inputs():
     result = onnx_squeeze.minimize(model, inputs=feeds)
     assert len(result.verification.cases) == 3
     np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("op_type", ["Gemm", "Conv"])
+def test_empty_optional_bias_slot_gets_fold(op_type):
+    rng = np.random.default_rng(13)
+    w1, b1 = weights(rng, 6, 8)
+    w1[:, 3] = 0.0
+    b1[3] = 0.9
+    w2, _ = weights(rng, 8, 3)
+    b = GraphBuilder() if op_type == "Gemm" else GraphBuilder(input_shape=("N", 6, 4, 4))
+    if op_type == "Gemm":
+        h = b.op("Relu", [b.gemm("x", w1, b1)])
+        y = b.op("Gemm", [h, b.const(w2.T.copy()), ""], transB=1)
+    else:
+        h = b.op("Relu", [b.op("Conv", ["x", b.const(w1.T.reshape(8, 6, 1, 1).copy()), b.const(b1)], kernel_shape=[1, 1])])
+        y = b.op("Conv", [h, b.const(w2.T.reshape(3, 8, 1, 1).copy()), ""], kernel_shape=[1, 1])
+    result = _minimize(b.model(y))
+    last = result.model.graph.node[-1]
+    assert len(last.input) == 3 and last.input[2]
+
+
+def test_gemm_beta_zero_ignored_bias_is_sliced():
+    rng = np.random.default_rng(14)
+    w1, b1 = weights(rng, 6, 8)
+    w2, b2 = weights(rng, 8, 4)
+    w3, b3 = weights(rng, 4, 3)
+    w3[1, :] = 0.0  # unit 1 of the beta=0 Gemm is read by nobody
+    b = GraphBuilder()
+    h = b.op("Relu", [b.gemm("x", w1, b1)])
+    h = b.op("Relu", [b.gemm(h, w2, b2, beta=0.0)])
+    result = _minimize(b.model(b.gemm(h, w3, b3)))
+    gemm = next(layer for layer in result.report["layers"] if layer["shape_before"] == [4, 8])
+    assert gemm["removed_output_units"] == [1]
