@@ -122,11 +122,15 @@ def _run(model, output, *, report_path, verbose, **options) -> None:
     console.print(summary_table(report))
     console.print(verification_line(report))
     for refusal in result.refusals:
-        console.print(f"kept {refusal.units} units ({', '.join(refusal.tensors[:3])}"
+        console.print(f"kept {_count(refusal.units, 'unit')} ({', '.join(refusal.tensors[:3])}"
                       f"{', ...' if len(refusal.tensors) > 3 else ''}): {refusal.reason}")
-    console.print(f"time: {report['seconds']:.2f} s in {report['rounds']} rounds")
+    console.print(f"time: {report['seconds']:.2f} s in {_count(report['rounds'], 'round')}")
     if output is not None:
         console.print(f"wrote {output}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 if __name__ == "__main__":

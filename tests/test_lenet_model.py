@@ -35,7 +35,7 @@ def test_bundled_model_shrinks_and_verifies(minimized):
     assert minimized.model.graph.output[0].name == "logits"
 
 
-@pytest.mark.skipif(not MNIST.is_file(), reason="the MNIST copy in ../shared/datasets is missing")
+@pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}")
 def test_bundled_model_accuracy_unchanged(minimized):
     data = np.load(MNIST)
     pixels = data["x_test"].reshape(-1, 784).astype(np.float32) / 255.0
