@@ -345,7 +345,7 @@ def _decide(index, roles, space, pins, known, value) -> tuple[np.ndarray, list[R
         assert not (removed & ~candidate).any()
         removed = candidate
 
-    removed = _keep_one_per_tensor(space, roots, removed)
+    removed = _keep_groups_equal(layers, space, roots, removed)
 
     # Report classes kept only because of a rule (a barrier, a graph input or output, zero
     # padding), grouped by reason. An output unit that is not constant is simply live.
@@ -375,6 +375,29 @@ def _refusals(space: UnitSpace, roots: np.ndarray, known: np.ndarray, reasons: d
         refusal.units += 1
         refusal.tensors = sorted(set(refusal.tensors) | {names[i] for i in np.unique(unit_tensor[members])})
     return list(by_reason.values())
+
+
+def _keep_groups_equal(layers: list[Layer], space: UnitSpace, roots: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Apply the zero-width guard, and keep every unit of a grouped conv whose groups would
+    end up with different sizes. Both only keep more units, so the loop ends."""
+    removed = _keep_one_per_tensor(space, roots, removed)
+    grouped = [layer for layer in layers if layer.groups > 1]
+    changed = True
+    while changed:
+        changed = False
+        for layer in grouped:
+            for tensor in (layer.input, layer.output):
+                if not space.has(tensor):
+                    continue
+                ids = space.ids(tensor)
+                counts = removed[ids].reshape(layer.groups, -1).sum(axis=1)
+                if (counts != counts[0]).any():
+                    logger.debug("keeping '%s': removal would leave the groups of '%s' unequal", tensor, layer.name)
+                    removed[np.isin(roots, roots[ids])] = False
+                    changed = True
+        if changed:
+            removed = _keep_one_per_tensor(space, roots, removed)
+    return removed
 
 
 def _keep_one_per_tensor(space: UnitSpace, roots: np.ndarray, removed: np.ndarray) -> np.ndarray:

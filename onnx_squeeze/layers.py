@@ -25,9 +25,13 @@ Recognized here:
   taps unevenly, so both only absorb constants that are exactly zero
   (``absorbs_constants = False``).
 
+- A grouped ``Conv`` (``1 < group``, not depthwise) is a weight op whose matrix is block
+  diagonal; the analysis removes its channels only where every group keeps the same number of
+  inputs and of outputs.
+
 Refused (the node becomes a barrier, with the reason): a constant first operand of MatMul,
-a weight of the wrong rank, non-float weights, a Gemm whose activation is ``B``, and grouped
-convs that are not depthwise (those are handled as channel-wise ops elsewhere).
+a weight of the wrong rank, non-float weights, a Gemm whose activation is ``B``, and a grouped
+ConvTranspose. Depthwise convs are channel-wise ops, handled elsewhere.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class Layer:
     # False when a nonzero constant input cannot be folded into the bias exactly.
     absorbs_constants: bool = True
     reads: np.ndarray | None = None
+    # Conv groups: the weight is [C_out, C_in / groups, k...] and ``matrix`` block-diagonal.
+    groups: int = 1
 
     def __post_init__(self):
         if self.reads is None:
@@ -123,8 +129,11 @@ def _match_conv(index: GraphIndex, node_index: int, node: onnx.NodeProto) -> Lay
         return f"{node.op_type} weight '{w_name}' is not a constant"
     if index.initializers[w_name].data_type not in FLOAT_TYPES:
         return f"weight '{w_name}' is not a floating-point tensor"
-    if attribute(node, "group", 1) != 1:
-        return None if is_depthwise(index, node) else "grouped conv that is not depthwise is kept whole"
+    groups = attribute(node, "group", 1)
+    if groups != 1 and (node.op_type == "ConvTranspose"):
+        return "grouped ConvTranspose is kept whole"
+    if groups != 1 and is_depthwise(index, node):
+        return None
     has_bias = len(node.input) > 2 and node.input[2] != ""
     if has_bias and not index.is_constant(node.input[2]):
         return f"{node.op_type} bias '{node.input[2]}' is not a constant"
@@ -135,6 +144,9 @@ def _match_conv(index: GraphIndex, node_index: int, node: onnx.NodeProto) -> Lay
     transpose = node.op_type == "ConvTranspose"
     summed = weight.sum(axis=spatial)
     reads = (weight != 0).any(axis=spatial)
+    if groups > 1:
+        # Output o of group G reads only the inputs of group G: spread into [C_out, C_in].
+        summed, reads = _block_diagonal(summed, groups), _block_diagonal(reads, groups)
     matrix, reads = (summed.T, reads.T) if transpose else (summed, reads)
     absorbs = not transpose and not conv_has_padding(node)
     return Layer(
@@ -153,7 +165,18 @@ def _match_conv(index: GraphIndex, node_index: int, node: onnx.NodeProto) -> Lay
         bias=BiasSlot(node_index, 2, 1.0),
         absorbs_constants=absorbs,
         reads=reads,
+        groups=groups,
     )
+
+
+def _block_diagonal(per_group: np.ndarray, groups: int) -> np.ndarray:
+    """Turn a grouped conv's [C_out, C_in / groups] matrix into the full [C_out, C_in] one."""
+    out_per_group, in_per_group = per_group.shape[0] // groups, per_group.shape[1]
+    full = np.zeros((per_group.shape[0], in_per_group * groups), dtype=per_group.dtype)
+    for group in range(groups):
+        rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        full[rows, group * in_per_group:(group + 1) * in_per_group] = per_group[rows]
+    return full
 
 
 def _weight_reason(index: GraphIndex, name: str) -> str | None:

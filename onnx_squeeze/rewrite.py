@@ -130,7 +130,10 @@ def _rewrite_layer(plan: Plan, layer: Layer, edits: _Edits, graph, inserted) -> 
 
     weight = edits.get(layer.node, layer.weight_slot)
     before = weight.shape
-    weight = _take(_take(weight, keep_out, layer.weight_out_axis), keep_in, layer.weight_in_axis)
+    if layer.groups > 1:
+        weight = _slice_grouped_weight(weight, keep_out, keep_in, layer)
+    else:
+        weight = _take(_take(weight, keep_out, layer.weight_out_axis), keep_in, layer.weight_in_axis)
     edits.set(layer.node, layer.weight_slot, weight)
 
     node = graph.node[layer.node]
@@ -153,6 +156,24 @@ def _rewrite_layer(plan: Plan, layer: Layer, edits: _Edits, graph, inserted) -> 
         removed_in=np.setdiff1d(np.arange(in_units), keep_in) if keep_in is not None else np.zeros(0, int),
         folded=delta is not None,
     )
+
+
+def _slice_grouped_weight(weight: np.ndarray, keep_out, keep_in, layer: Layer) -> np.ndarray:
+    """Slice a grouped conv weight [C_out, C_in / groups, k...] group by group.
+
+    The analysis guarantees that every group keeps the same number of inputs and outputs.
+    """
+    groups = layer.groups
+    out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
+    keep_out = np.arange(weight.shape[0]) if keep_out is None else keep_out
+    keep_in = np.arange(in_per_group * groups) if keep_in is None else keep_in
+    blocks = []
+    for group in range(groups):
+        rows = keep_out[(keep_out // out_per_group) == group]
+        local_in = keep_in[(keep_in // in_per_group) == group] - group * in_per_group
+        blocks.append(weight[rows][:, local_in])
+    assert len({block.shape for block in blocks}) == 1, "groups of unequal size after removal"
+    return np.concatenate(blocks, axis=0)
 
 
 def _rewrite_gemm_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Edits, node) -> None:

@@ -126,14 +126,36 @@ def test_conv_transpose_reads_and_writes_channels():
     assert _conv_shapes(result) == [(4, 4, 1, 1), (5, 3, 1, 1), (5, 4, 2, 2)]
 
 
-def test_grouped_conv_is_kept_whole():
-    def between(b, h):
-        w = np.random.default_rng(2).uniform(-1, 1, (6, 3, 3, 3)).astype(np.float32)
-        return b.op("Conv", [h, b.const(w)], group=2, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+def _grouped_model(dead):
+    rng = np.random.default_rng(9)
+    b = GraphBuilder(input_shape=("N", 3, 8, 8))
+    h = b.op("Relu", [_conv(b, "x", rng, 3, 6, 1, dead=dead, bias=0.0)])
+    w = rng.uniform(-1, 1, (6, 3, 3, 3)).astype(np.float32)  # 2 groups of 3 channels
+    g = b.op("Relu", [b.op("Conv", [h, b.const(w)], group=2, kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    return b.model(_conv(b, g, rng, 6, 4, 1))
 
-    result = onnx_squeeze.minimize(_two_convs(between, bias=0.0))
+
+def test_grouped_conv_unequal_removal_is_kept():
+    result = _minimize(_grouped_model(dead=(2,)))  # only group 0 would lose a channel
     assert not result.changed
-    assert any("grouped conv" in r.reason for r in result.refusals)
+
+
+def test_grouped_conv_equal_removal_per_group():
+    result = _minimize(_grouped_model(dead=(2, 4)))  # one channel from each group
+    grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and any(a.name == "group" for a in n.attribute))
+    assert initializer_shapes(result.model)[grouped.input[1]] == [6, 2, 3, 3]
+    assert [a.i for a in grouped.attribute if a.name == "group"] == [2]
+
+
+def test_grouped_conv_dead_outputs_per_group():
+    rng = np.random.default_rng(10)
+    b = GraphBuilder(input_shape=("N", 4, 8, 8))
+    w = rng.uniform(-1, 1, (6, 2, 1, 1)).astype(np.float32)  # 2 groups: 2 inputs, 3 outputs each
+    w[[1, 4]] = 0.0  # output 1 of group 0 and output 1 of group 1 are their biases
+    bias = np.linspace(-0.5, 0.5, 6).astype(np.float32)
+    g = b.op("Relu", [b.op("Conv", ["x", b.const(w), b.const(bias)], group=2, kernel_shape=[1, 1])])
+    result = _minimize(b.model(_conv(b, g, rng, 6, 3, 1)))
+    assert _conv_shapes(result) == [(3, 4, 1, 1), (4, 2, 1, 1)]
 
 
 def test_depthwise_zero_kernel_folds_bias():

@@ -1,5 +1,5 @@
-"""Property test: random conv graphs with residual adds, concats, BatchNorm, depthwise convs
-and pooling, with random dead filters, unused input channels and scattered zeros.
+"""Property test: random conv graphs with residual adds, concats, BatchNorm, depthwise and
+grouped convs and pooling, with random dead filters, unused input channels and scattered zeros.
 
 The minimizer must keep every output equal (zero padding included) and reach a fixed point:
 a second run removes nothing.
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import onnx_squeeze
 from builders import GraphBuilder, assert_same_outputs
 
-BLOCKS = ["conv", "residual", "concat", "batchnorm", "depthwise", "maxpool"]
+BLOCKS = ["conv", "residual", "concat", "batchnorm", "depthwise", "maxpool", "grouped"]
 
 
 def _conv_weight(rng, c_out, c_in, k):
@@ -58,6 +58,11 @@ class ConvNetBuilder:
             w[rng.random(self.c) < 0.3] = 0.0
             bias = rng.uniform(-1, 1, self.c).astype(np.float32)
             self.x = b.op("Conv", [self.x, b.const(w), b.const(bias)], group=self.c, kernel_shape=[3, 3], pads=[1] * 4)
+        elif kind == "grouped" and self.c % 2 == 0:
+            out = 2 * width
+            w, bias = _conv_weight(rng, out, self.c // 2, 3)
+            y = b.op("Conv", [self.x, b.const(w), b.const(bias)], group=2, kernel_shape=[3, 3], pads=[1] * 4)
+            self.x, self.c = b.op("Relu", [y]), out
         elif kind == "maxpool" and self.size >= 4:
             self.x = b.op("MaxPool", [self.x], kernel_shape=[2, 2], strides=[2, 2])
             self.size //= 2
