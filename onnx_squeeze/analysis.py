@@ -61,7 +61,7 @@ class Refusal:
 
 @dataclass
 class Plan:
-    """What to remove: the outcome of one analysis round."""
+    """The removal plan of one analysis round: kept indices and the constants to fold."""
 
     index: GraphIndex
     roles: list[NodeRole]

@@ -21,8 +21,8 @@ from .errors import ModelLoadError, OutputError
 
 logger = logging.getLogger(__name__)
 
-# Protobuf refuses to serialize a message of 2 GiB or more; models near that size are
-# checked and run from files instead of from in-memory bytes.
+# Protobuf cannot serialize a message of 2 GiB or more, so models of that size are checked
+# and run from files instead of from in-memory bytes.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 

@@ -115,7 +115,7 @@ def conv_has_padding(node: onnx.NodeProto) -> bool:
 
 
 def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """A Conv with one input and one output channel per group: ``[C, 1, k...]``, group C."""
+    """Return True for a Conv with one input and one output channel per group (``[C, 1, k...]``)."""
     if node.op_type != "Conv" or len(node.input) < 2 or not index.is_constant(node.input[1]):
         return False
     group = attribute(node, "group", 1)

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerChange:
-    """What one round did to one weight op, in the indices of that round's input model."""
+    """The change one round made to one weight op, in the indices of that round's input model."""
 
     node: str
     weight: str

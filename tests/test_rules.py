@@ -370,7 +370,8 @@ def test_empty_optional_bias_slot_gets_fold(op_type):
         y = b.op("Conv", [h, b.const(w2.T.reshape(3, 8, 1, 1).copy()), ""], kernel_shape=[1, 1])
     result = _minimize(b.model(y))
     last = result.model.graph.node[-1]
-    assert len(last.input) == 3 and last.input[2]
+    assert len(last.input) == 3
+    assert last.input[2]
 
 
 def test_gemm_beta_zero_ignored_bias_is_sliced():
