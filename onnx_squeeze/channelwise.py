@@ -113,8 +113,10 @@ def _check_max_pool(node, index):
 
 
 def _average_pool(known, value, node, index):
-    if attribute(node, "count_include_pad", 0) and conv_has_padding(node):
-        # The padded zeros enter the average, so only a zero channel stays constant.
+    counts_padding = attribute(node, "count_include_pad", 0)
+    if counts_padding and (conv_has_padding(node) or attribute(node, "ceil_mode", 0)):
+        # Padded zeros (and, in ceil mode, positions past the edge) may enter the average,
+        # so only a zero channel is certain to stay constant.
         return known & (value == 0), value
     return known, value
 
