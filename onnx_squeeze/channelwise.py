@@ -18,7 +18,8 @@ The algebra: BatchNormalization in inference form is ``scale * (x - mean) / sqrt
 so a channel that is constant ``v`` stays constant ``v * sum(W[c]) + b[c]`` when nothing is
 padded, and becomes ``b[c]`` when its kernel is zero or ``v`` is 0; max and average pooling
 and Resize keep a constant channel constant; InstanceNormalization maps any constant
-channel to its ``B``. Expand broadcasts other axes; a target shape that names the channel
+channel to its ``B`` in exact arithmetic, but only a zero channel in float32. A channel whose
+BatchNormalization or InstanceNormalization scale is 0 is its ``B`` whatever the input. Expand broadcasts other axes; a target shape that names the channel
 count is rewritten with the new count.
 """
 
@@ -85,7 +86,9 @@ def _batch_norm(known, value, node, index):
     # Same order as the runtime: (x - mean) / sqrt(var + eps) * scale + B, with eps in float32.
     eps = float(np.float32(eps))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return known, (value - mean) / np.sqrt(var + eps) * scale + bias
+        normalized = (value - mean) / np.sqrt(var + eps) * scale + bias
+    # A channel with scale 0 is B for every finite input (network slimming leaves these).
+    return known | (scale == 0), np.where(scale == 0, bias, normalized)
 
 
 # Depthwise Conv -------------------------------------------------------------------------
@@ -172,7 +175,11 @@ def _check_resize(node, index):
 
 
 def _instance_norm(known, value, node, index):
-    # A constant channel has zero variance and x - mean = 0, so the output is B.
+    # A constant channel has zero variance and x - mean = 0, so the output is B. The runtime's
+    # float32 mean of a nonzero constant is off by a few ulps, which the division by
+    # sqrt(eps) magnifies, so only a zero channel is certain to give exactly B.
+    scale = _param(node, index, 1)
+    known = (known & (value == 0)) | (scale == 0)
     return known, np.broadcast_to(_param(node, index, 2), value.shape).copy()
 
 

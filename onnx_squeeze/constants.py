@@ -18,7 +18,7 @@ from .channelwise import CHANNEL_OPS
 from .graph import GraphIndex
 from .index_ops import selections
 from .layers import Layer
-from .ops import BINARY_OPS, UNARY_OPS
+from .ops import BINARY_OPS, UNARY_OPS, clip_bounds
 from .units import NodeRole, UnitSpace, aligned_axis, gather_axis
 
 
@@ -152,13 +152,35 @@ def _elementwise_constants(index, node, space, known, value):
     k, v = operands[0]
     for k2, v2 in operands[1:]:
         if node.op_type == "Mul":
-            # A known zero times any finite value is zero, so a dead channel stays dead
-            # through a gate or a mask.
-            zero = (k & (v == 0)) | (k2 & (v2 == 0))
+            # A known zero times a bounded value (a sigmoid gate, a mask, a constant) is zero,
+            # so a dead channel stays dead through it. An unbounded value may be inf, and
+            # 0 * inf is NaN, so no such rule holds there.
+            first_bounded, second_bounded = (_bounded(index, name) for name in node.input[:2])
+            zero = (k & (v == 0) & second_bounded) | (k2 & (v2 == 0) & first_bounded)
             k, v = (k & k2) | zero, np.where(zero, 0.0, fn(v, v2))
         else:
             k, v = k & k2, fn(v, v2)
     return k, v
+
+
+BOUNDED_OPS = {"Sigmoid", "HardSigmoid", "Tanh", "Softsign", "Erf", "Softmax", "Cos", "Sin"}
+
+
+def _bounded(index: GraphIndex, name: str) -> bool:
+    """Return True if ``name`` is a finite constant or the output of an op with a bounded range."""
+    if index.is_constant(name):
+        return bool(np.isfinite(index.array(name)).all())
+    producer = index.producer.get(name)
+    if producer is None:
+        return False
+    node = index.nodes[producer]
+    if node.op_type == "Clip":
+        try:
+            low, high = clip_bounds(node, index)
+        except KeyError:
+            return False
+        return bool(np.isfinite(low) and np.isfinite(high))
+    return node.op_type in BOUNDED_OPS
 
 
 def _mapped_constants(space, source, output, known, value):

@@ -31,10 +31,15 @@ logger = logging.getLogger(__name__)
 
 # Ops that are folded when all their inputs are initializers. They are deterministic and
 # their output is never much larger than their inputs.
+# A fold may create a tensor larger than its inputs (ConstantOfShape, Range, Tile of shape
+# constants) up to this many elements.
+FOLD_GROWTH_LIMIT = 256
+
 FOLDABLE_OPS = {
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log",
     "Transpose", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Identity",
     "Gather", "Slice", "Min", "Max", "Clip", "Relu", "Sign", "Equal", "Where",
+    "ConstantOfShape", "Range", "Expand", "Tile", "Split", "Not", "Less", "Greater",
 }
 
 
@@ -137,7 +142,8 @@ def _fold_constant_nodes(graph: onnx.GraphProto) -> None:
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
             kept.append(node)
             continue
-        if sum(np.asarray(v).size for v in values) > sum(int(np.prod(t.dims)) for t in inputs):
+        produced = sum(np.asarray(v).size for v in values)
+        if produced > max(FOLD_GROWTH_LIMIT, sum(int(np.prod(t.dims)) for t in inputs)):
             kept.append(node)  # folding would store a larger tensor than it removes (a broadcast)
             continue
         for name, value in zip(node.output, values):

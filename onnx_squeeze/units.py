@@ -116,6 +116,8 @@ def classify_nodes(index: GraphIndex, layers: dict[int, Layer | str]) -> list[No
                 roles.append(NodeRole("gather"))
             else:
                 roles.append(NodeRole("barrier", "Gather without constant 1-D indices"))
+        elif node.op_type in ("Shape", "Size"):
+            roles.append(NodeRole("barrier", f"{node.op_type} reads the channel count, which a removal would change"))
         else:
             roles.append(NodeRole("barrier", f"{node.op_type} is not supported"))
     return roles
