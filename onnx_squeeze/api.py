@@ -87,6 +87,7 @@ def minimize(
     inputs: dict[str, np.ndarray] | None = None,
     inputs_source: str = "inputs",
     seed: int = DEFAULT_SEED,
+    dim_sizes: dict[str, int] | None = None,
 ) -> MinimizeResult:
     """Return a minimized copy of ``model``; see the module docstring."""
     started = time.perf_counter()
@@ -128,7 +129,7 @@ def minimize(
     if verify_outputs:
         verification = verify(
             model, current, rtol=rtol, atol=atol, batch_sizes=batch_sizes,
-            inputs=inputs, inputs_source=inputs_source, seed=seed,
+            inputs=inputs, inputs_source=inputs_source, seed=seed, dim_sizes=dim_sizes,
         )
 
     result = MinimizeResult(

@@ -43,6 +43,16 @@ def _parse_batches(_ctx, _param, value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _parse_dims(_ctx, _param, values: tuple[str, ...]) -> dict[str, int]:
+    sizes = {}
+    for value in values:
+        name, _, size = value.partition("=")
+        if not name or not size.isdigit() or int(size) < 1:
+            raise click.BadParameter(f"'{value}' is not NAME=SIZE with a positive SIZE, e.g. height=32")
+        sizes[name] = int(size)
+    return sizes
+
+
 def _check_options(function):
     options = [
         click.option("--rtol", type=click.FloatRange(min=0), default=None,
@@ -54,6 +64,9 @@ def _check_options(function):
         click.option("--batch", "batch_sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                       show_default=True, callback=_parse_batches,
                       help="Comma-separated sizes given to every dynamic dim in the check."),
+        click.option("--dim", "dim_sizes", multiple=True, callback=_parse_dims, metavar="NAME=SIZE",
+                      help="Size of the symbolic dim NAME in the check (repeatable); other dynamic "
+                           "dims take the --batch sizes."),
         click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
                       help="An .npz file of your own inputs for the check, one array per graph input name."),
         click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,
@@ -87,13 +100,14 @@ def main() -> None:
               help="Store the tensors in <output>.data beside the model.")
 @_check_options
 def minimize(model, output, report_path, no_verify, force, external_data, rtol, atol, batch_sizes,
-             inputs_path, seed, prune_inputs, verbose):
+             dim_sizes, inputs_path, seed, prune_inputs, verbose):
     """Write a smaller model that computes the same outputs as MODEL."""
     _setup_logging(verbose)
     _run(
         model, output, report_path=report_path, verbose=verbose, force=force,
         external_data=external_data, verify_outputs=not no_verify, rtol=rtol, atol=atol,
-        batch_sizes=batch_sizes, inputs_path=inputs_path, seed=seed, prune_inputs=prune_inputs,
+        batch_sizes=batch_sizes, dim_sizes=dim_sizes, inputs_path=inputs_path, seed=seed,
+        prune_inputs=prune_inputs,
     )
 
 
@@ -102,12 +116,12 @@ def minimize(model, output, report_path, no_verify, force, external_data, rtol, 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON report of the run to this file.")
 @_check_options
-def inspect(model, report_path, rtol, atol, batch_sizes, inputs_path, seed, prune_inputs, verbose):
+def inspect(model, report_path, rtol, atol, batch_sizes, dim_sizes, inputs_path, seed, prune_inputs, verbose):
     """Show what minimizing MODEL would remove; nothing is written but the report."""
     _setup_logging(verbose)
     _run(
         model, None, report_path=report_path, verbose=verbose, force=False, external_data=False,
-        verify_outputs=True, rtol=rtol, atol=atol, batch_sizes=batch_sizes,
+        verify_outputs=True, rtol=rtol, atol=atol, batch_sizes=batch_sizes, dim_sizes=dim_sizes,
         inputs_path=inputs_path, seed=seed, prune_inputs=prune_inputs,
     )
 

@@ -91,8 +91,15 @@ def _session(model: onnx.ModelProto, tmp_dir: Path, label: str) -> ort.Inference
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(model: onnx.ModelProto, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input; every symbolic or unknown dim takes ``batch``."""
+def random_inputs(
+    model: onnx.ModelProto, batch: int, rng: np.random.Generator, dim_sizes: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input.
+
+    A symbolic dim named in ``dim_sizes`` takes that size; every other symbolic or unknown
+    dim takes ``batch``.
+    """
+    dim_sizes = dim_sizes or {}
     initializers = {t.name for t in model.graph.initializer}
     feeds = {}
     for value in model.graph.input:
@@ -106,7 +113,10 @@ def random_inputs(model: onnx.ModelProto, batch: int, rng: np.random.Generator) 
                 f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}, which the random-input "
                 "generator does not support; pass your own inputs with --inputs FILE.npz"
             )
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+        shape = [
+            d.dim_value if d.HasField("dim_value") else dim_sizes.get(d.dim_param, batch)
+            for d in tensor_type.shape.dim
+        ]
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -138,6 +148,7 @@ def verify(
     inputs: dict[str, np.ndarray] | None = None,
     inputs_source: str = "inputs",
     seed: int = DEFAULT_SEED,
+    dim_sizes: dict[str, int] | None = None,
 ) -> Verification:
     """Compare every output of the two models on every input set.
 
@@ -146,8 +157,10 @@ def verify(
     """
     rng = np.random.default_rng(seed)
     cases: list[tuple[str, dict[str, np.ndarray]]] = []
+    fixed = ", ".join(f"{name} = {size}" for name, size in sorted((dim_sizes or {}).items()))
     for batch in batch_sizes:
-        cases.append((f"random (seed {seed}), dynamic dims = {batch}", random_inputs(original, batch, rng)))
+        label = f"random (seed {seed}), dynamic dims = {batch}" + (f", {fixed}" if fixed else "")
+        cases.append((label, random_inputs(original, batch, rng, dim_sizes)))
     if inputs is not None:
         check_user_inputs(original, inputs, inputs_source)
         cases.append((inputs_source, inputs))
@@ -175,7 +188,8 @@ def verify(
             except RUNTIME_ERRORS as exc:
                 raise InputsError(
                     f"{label}: the original model failed to run on these inputs ({first_line(exc)}); "
-                    "pass --batch with sizes valid for every dynamic dim, or your own inputs with --inputs"
+                    "pass --batch and --dim NAME=SIZE with sizes valid for the model, or your own "
+                    "inputs with --inputs"
                 ) from exc
             try:
                 actual = candidate.run(output_names, feeds)

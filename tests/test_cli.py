@@ -303,3 +303,54 @@ def test_model_rejected_by_onnxruntime(tmp_path, model):
     assert result.exit_code == 2
     assert "onnxruntime cannot load the input model" in _error_line(result)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_models_over_protobuf_limit_go_through_files(tmp_path, monkeypatch):
+    # Pretend the 2 GiB protobuf limit is 1 kB: checking, verifying and saving must then
+    # use files with external data, as they do for real models over 2 GiB.
+    import onnx_squeeze.io
+    import onnx_squeeze.verify
+
+    monkeypatch.setattr(onnx_squeeze.io, "PROTOBUF_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(onnx_squeeze.verify, "PROTOBUF_LIMIT_BYTES", 1000)
+    rng = np.random.default_rng(3)
+    b = GraphBuilder(input_shape=("N", 32))
+    w1, b1 = weights(rng, 32, 32)
+    w1[:, :8] = 0.0
+    w2, b2 = weights(rng, 32, 4)
+    model = b.model(b.gemm(b.op("Relu", [b.gemm("x", w1, b1)]), w2, b2))
+    assert model.ByteSize() > 1000
+    onnx.save(model, tmp_path / "big.onnx", save_as_external_data=True, location="big.bin", size_threshold=0)
+
+    result = invoke("minimize", tmp_path / "big.onnx", "-o", tmp_path / "small.onnx")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "small.onnx.data").exists()
+    assert_same_outputs(onnx.load(tmp_path / "big.onnx"), onnx.load(tmp_path / "small.onnx"))
+
+
+def test_dim_option_sets_named_dims(tmp_path):
+    # An unpadded conv of width 5 cannot run at width 1 or 3, so the default sizes fail,
+    # and --dim sets the width while the batch takes the --batch sizes.
+    rng = np.random.default_rng(4)
+    b = GraphBuilder(input_shape=("N", 2, "width"))
+    w = rng.uniform(-1, 1, (4, 2, 5)).astype(np.float32)
+    w[1] = 0.0
+    h = b.op("Relu", [b.op("Conv", ["x", b.const(w), b.const(np.full(4, 0.5, np.float32))], kernel_shape=[5])])
+    w2 = rng.uniform(-1, 1, (3, 4, 1)).astype(np.float32)
+    path = tmp_path / "conv1d.onnx"
+    onnx.save(b.model(b.op("Conv", [h, b.const(w2)], kernel_shape=[1])), path)
+
+    failing = invoke("minimize", path, "-o", tmp_path / "out.onnx")
+    assert failing.exit_code == 2
+    assert "--dim NAME=SIZE" in _error_line(failing)
+
+    result = invoke("minimize", path, "-o", tmp_path / "out.onnx", "--dim", "width=16", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    cases = json.loads((tmp_path / "r.json").read_text())["verification_inputs"]
+    assert all("width = 16" in case for case in cases)
+
+
+def test_dim_option_rejects_bad_value(tmp_path, model_path):
+    result = invoke("minimize", model_path, "-o", tmp_path / "out.onnx", "--dim", "width")
+    assert result.exit_code == 2
+    assert "NAME=SIZE" in result.output
