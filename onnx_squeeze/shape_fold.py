@@ -75,6 +75,8 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
     constants = {}
     for node in graph.node:
         output = node.output[0] if len(node.output) == 1 else ""
+        if output in index.graph_outputs:
+            continue  # a graph output stays computed by a node
         if output in values and output not in index.initializers and all(isinstance(e, (int, np.integer)) for e in _entries(values[output])):
             if node.op_type != "Constant":
                 constants[output] = np.array(values[output].astype(np.int64))
