@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Integer tensors with more elements than this are not shape values.
 MAX_SHAPE_ELEMENTS = 64
+INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,15 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     folded = 0
     constants = {}
+    taken = set(index.initializers) | set(index.producer) | set(index.graph_inputs)
     for node in graph.node:
         output = node.output[0] if len(node.output) == 1 else ""
         if output in index.graph_outputs:
             continue  # a graph output stays computed by a node
         if output in values and output not in index.initializers and all(isinstance(e, (int, np.integer)) for e in _entries(values[output])):
             if node.op_type != "Constant":
-                constants[output] = np.array(values[output].astype(np.int64))
+                dtype = np.int32 if index.elem_types.get(output) == onnx.TensorProto.INT32 else np.int64
+                constants[output] = np.array(values[output].astype(dtype))
     if constants:
         kept = [node for node in graph.node if not (len(node.output) == 1 and node.output[0] in constants)]
         del graph.node[:]
@@ -96,7 +100,7 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         entries = _static_reshape_target(index, node, _entries(target))
         if entries is not None:
-            name = f"{node.input[1]}_static"
+            name = _unique_name(f"{node.input[1]}_static", taken)
             graph.initializer.append(numpy_helper.from_array(np.array(entries, dtype=np.int64), name))
             node.input[1] = name
             folded += 1
@@ -105,6 +109,15 @@ def fold_shape_computations(model: onnx.ModelProto) -> onnx.ModelProto:
         removed = _remove_dead_nodes(graph)
         logger.debug("folded %d shape computations, removed %d nodes", folded, removed)
     return model
+
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    name, suffix = base, 1
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    taken.add(name)
+    return name
 
 
 def _static_reshape_target(index: GraphIndex, node: onnx.NodeProto, entries: list) -> list[int] | None:
@@ -151,21 +164,34 @@ def _evaluate(node: onnx.NodeProto, index: GraphIndex, values: dict[str, np.ndar
     if any(value is None for value, name in zip(inputs, node.input) if name):
         return None
 
-    if op in ("Identity", "Cast"):
+    if op == "Identity":
         return inputs[0]
+    if op == "Cast":
+        # Only integer casts stay shape values; a float result is data, not a shape.
+        return inputs[0] if attribute(node, "to") in INTEGER_TYPES else None
     if op == "Gather":
         axis = attribute(node, "axis", 0)
         if axis != 0 or inputs[0].ndim != 1:
             return None
         return np.take(inputs[0], np.asarray(inputs[1].astype(np.int64)), axis=0)
-    if op == "Unsqueeze" or op == "Squeeze" or op == "Reshape":
+    if op == "Reshape":
+        entries = _entries(inputs[1])
+        if not all(isinstance(e, (int, np.integer)) for e in entries) or 0 in entries:
+            return None
+        return inputs[0].reshape([int(e) for e in entries])
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attribute(node, "axes")
+        if axes is None and len(inputs) > 1 and inputs[1] is not None:
+            axes = [int(e) for e in _entries(inputs[1])]
         data = inputs[0]
-        if op == "Reshape":
-            target = [int(e) for e in _entries(inputs[1])] if all(isinstance(e, (int, np.integer)) for e in _entries(inputs[1])) else None
-            return None if target is None else data.reshape(target)
         if op == "Squeeze":
-            return data.reshape([d for d in data.shape if d != 1])
-        return data.reshape(-1) if data.ndim <= 1 else None
+            if axes is None:
+                return data.reshape([d for d in data.shape if d != 1])
+            return np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
+        if axes is None:
+            return None
+        rank = data.ndim + len(axes)
+        return np.expand_dims(data, axis=tuple(sorted(a % rank for a in axes)))
     if op == "Concat":
         if attribute(node, "axis", 0) not in (0, -1):
             return None
@@ -196,7 +222,15 @@ def _arithmetic(op: str, left: np.ndarray, right: np.ndarray) -> np.ndarray | No
         if not isinstance(x, (int, np.integer)) or not isinstance(y, (int, np.integer)):
             return None
         x, y = int(x), int(y)
-        out[position] = {"Add": x + y, "Sub": x - y, "Mul": x * y}.get(op) if op != "Div" else int(np.trunc(x / y))
+        if op == "Div":
+            if y == 0:
+                return None
+            result = abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)  # truncates, as in C
+        else:
+            result = {"Add": x + y, "Sub": x - y, "Mul": x * y}[op]
+        if not INT64_MIN <= result <= INT64_MAX:
+            return None  # the runtime would wrap around; leave such arithmetic alone
+        out[position] = result
     return out
 
 
