@@ -272,7 +272,7 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as exc:
         raise InputsError(f"{path}: not an .npz archive; {hint}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InputsError(f"{path}: holds a single array, not an .npz archive of named arrays; {hint}")
+        raise InputsError(f"{path}: contains a single array, not an .npz archive of named arrays; {hint}")
     with archive:
         try:
             return {name: archive[name] for name in archive.files}

@@ -1,8 +1,8 @@
 """Verification: run the original and the minimized model in onnxruntime and compare outputs.
 
 Both models run on the CPU execution provider with the same session options, on seeded
-random inputs at each of the given batch sizes (every symbolic dim takes that size) and on
-the user's own inputs when given. Every output must match elementwise within
+random inputs at each of the given batch sizes (every symbolic dim takes that size, unless
+``dim_sizes`` names it) and on the user's own inputs when given. Every output must match elementwise within
 ``|minimized - original| <= atol + rtol * |original|``, which is numpy's ``allclose`` rule.
 
 Inputs on which the original model already produces NaN or Inf are not a pass: the masked
