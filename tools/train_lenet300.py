@@ -33,39 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from onnx_squeeze.train.models import LeNet300
+
 log = logging.getLogger("train_lenet300")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "../shared/datasets/mnist/mnist.npz"
 DEFAULT_OUT = "models/lenet300_mnist_pruned.onnx"
 
-# Mean and standard deviation of the MNIST training pixels on the [0, 1] scale.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-
 PRUNED_LAYERS = ("fc1", "fc2", "fc3")
 DEFAULT_SCHEDULE = "0.5,0.75,0.875,0.9375,0.96,0.97,0.975,0.98,0.985"
-
-
-class LeNet300(nn.Module):
-    """LeNet-300-100: a 784-300-100-10 fully connected network with ReLU.
-
-    Takes float32 pixels in [0, 1] with shape [N, 784] and returns logits with
-    shape [N, 10]. The input normalization is part of forward, so the exported
-    ONNX graph contains it as scalar Sub and Div nodes.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, 10)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels - MNIST_MEAN) / MNIST_STD
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 def resolve_from_repo(path: str) -> Path:
