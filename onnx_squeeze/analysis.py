@@ -6,7 +6,7 @@ Notation: a weight op computes ``z = W x + b``; a consumer computes ``z' = V a +
   carries a known constant itself. Element-wise ops map that constant (``act(b_i)``). A
   consumer absorbs it by ``c += V[:, i] * a_i``, after which column i can go.
 - R2 (unused unit): unit i whose column ``V[:, i]`` is zero in every consumer is read by
-  nobody and goes without folding.
+  no consumer and goes without folding.
 - Coupling: units tied by an index-preserving op form one class, removed only if every
   member is dead or unused at each consumer that reads it.
 

@@ -56,7 +56,7 @@ class GraphIndex:
                     self.consumers.setdefault(name, []).append(Use(index, slot))
 
         # Tensors that If/Loop/Scan bodies read from the outer scope count as used by the
-        # node that holds the body, in slot -1.
+        # node that owns the body, in slot -1.
         for index, node in enumerate(self.nodes):
             for name in sorted(body_reads(node)):
                 self.consumers.setdefault(name, []).append(Use(index, -1))

@@ -46,7 +46,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
     if not model.HasField("graph"):
         raise ModelLoadError(
-            f"{path}: the file parsed but holds no ONNX graph; it may be truncated or not "
+            f"{path}: the file parsed but contains no ONNX graph; it may be truncated or not "
             "an ONNX model"
         )
 

@@ -60,8 +60,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
-# Initializers larger than this are replaced by their dims alone for shape inference; shape
-# inference never needs their values, and the skeleton then stays far below protobuf's 2 GiB.
+# Initializers larger than this are replaced by their dims alone for shape inference, which
+# does not need their values. The skeleton then stays far below protobuf's 2 GiB limit.
 SKELETON_MAX_ELEMENTS = 4096
 
 

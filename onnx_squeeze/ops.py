@@ -134,8 +134,8 @@ BINARY_OPS: dict[str, Callable[..., np.ndarray]] = {
     "Where": lambda condition, x, y: np.where(condition != 0, x, y),
 }
 
-# Cast is element-wise only between floating-point types; a cast to an integer type
-# changes what the consumer sees and is a barrier.
+# Cast is element-wise only between floating-point types. A cast to an integer type
+# changes the values its consumers read, so it is a barrier.
 FLOAT_CAST_TARGETS = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.DOUBLE,

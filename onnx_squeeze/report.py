@@ -74,7 +74,7 @@ def _ratio(before: int, after: int) -> str:
 
 
 def summary_table(report: dict) -> Table:
-    """A before/after table of the figures in ``report``."""
+    """Build a before/after table of the figures in ``report``."""
     table = Table(title="onnx-squeeze", show_lines=False)
     table.add_column("")
     table.add_column("before", justify="right")

@@ -217,7 +217,7 @@ def _fold_into_matmul_bias(plan: Plan, layer: Layer, delta, keep_out, edits: _Ed
         edits.set(layer.bias.node, layer.bias.slot, full.astype(current.dtype))
         return
 
-    # MatMul without a bias Add: insert one so every reader of the output sees the fold.
+    # MatMul without a bias Add: insert one so that every reader of the output gets the fold.
     dtype = plan.index.array(layer.weight).dtype
     name = edits.add_initializer(f"{node.name}_folded_bias", _take(delta, keep_out, 0).astype(dtype))
     unbiased = edits.unique(f"{layer.output}_before_fold")

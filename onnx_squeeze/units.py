@@ -3,7 +3,7 @@
 A *unit* is one index along the channel axis of a tensor (a neuron of a Linear layer's output,
 say). Every tensor whose channel axis is known and static gets a contiguous range of global
 unit ids. Ops that preserve indices (element-wise ops, Concat, Flatten into a Linear) tie units
-of their inputs and outputs together in a union-find structure; the resulting classes are
+of their inputs and outputs together in a union-find structure. Each resulting class is
 removed whole or kept whole.
 
 The channel axis of each tensor is found by propagation: weight ops fix the axis of the
@@ -31,7 +31,7 @@ SHAPE_OPS = {"Flatten", "Reshape"}
 
 @dataclass
 class NodeRole:
-    """How the analysis treats one node: ``kind`` is layer, unary, binary, shape, concat or barrier."""
+    """The treatment of one node in the analysis; ``kind`` names it (layer, unary, channel, ...)."""
 
     kind: str
     reason: str = ""

@@ -20,7 +20,7 @@ BLOCKS = ["conv", "residual", "concat", "batchnorm", "depthwise", "maxpool", "gr
 def _conv_weight(rng, c_out, c_in, k):
     w = rng.uniform(0.3, 1.0, (c_out, c_in, k, k)) * rng.choice([-1, 1], (c_out, c_in, k, k))
     w[rng.random(c_out) < 0.3] = 0.0  # dead filters
-    w[:, rng.random(c_in) < 0.25] = 0.0  # input channels nobody reads here
+    w[:, rng.random(c_in) < 0.25] = 0.0  # input channels no filter reads
     w[rng.random(w.shape) < 0.2] = 0.0
     bias = np.where(rng.random(c_out) < 0.4, 0.0, rng.uniform(-1, 1, c_out))
     return w.astype(np.float32), bias.astype(np.float32)

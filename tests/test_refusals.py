@@ -83,7 +83,7 @@ def test_shape_computed_reshape_is_folded():
 
 
 def test_shape_reader_is_barrier():
-    # A Shape node sees the channel count, so the tensor it reads must keep all channels.
+    # A Shape node reads the channel count, so the tensor it reads must keep all channels.
     model = _dead_hidden_model(lambda b, h: b.op("Relu", [h]))
     hidden = model.graph.node[1].output[0]
     model.graph.node.append(onnx.helper.make_node("Shape", [hidden], ["hidden_shape"], name="read_shape"))

@@ -77,7 +77,7 @@ def test_forward_cascade_in_one_run():
 
 def test_backward_cascade():
     params = _mlp([6, 8, 5, 3])
-    params[2][0][2, :] = 0.0  # nobody reads unit 2 of layer 2
+    params[2][0][2, :] = 0.0  # no layer reads unit 2 of layer 2
     params[1][0][:, :] = np.where(np.arange(8)[:, None] == 6, 0.0, params[1][0])
     params[1][0][6, 2] = 0.9  # unit 6 of layer 1 is read only by unit 2 of layer 2
     result = _minimize(_chain(params))
@@ -158,7 +158,7 @@ def test_matmul_on_sequence_input():
     assert _layer(result, 0)["removed_output_units"] == [1, 4]
 
 
-def test_whole_layer_dead_keeps_batch_and_no_empty_tensor():
+def test_whole_dead_layer_keeps_batch():
     params = _mlp([6, 8, 8, 3])
     params[1][0][:] = 0.0
     params[1][1][:] = [0.1, -0.2, 0, 0.3, 0, 0, 0.5, -1]
@@ -176,14 +176,14 @@ def test_whole_layer_dead_keeps_batch_and_no_empty_tensor():
 
 def test_shared_initializer_is_copied_not_sliced():
     # One weight W read by two Gemms that lose different units: the first use keeps rows
-    # 0-2 (its units 3-5 are read by nobody), the second keeps rows 4-5 and columns 0-2.
+    # 0-2 (its units 3-5 are read by no layer), the second keeps rows 4-5 and columns 0-2.
     rng = np.random.default_rng(11)
     w, bias = weights(rng, 6, 6)
     w[3:, :] = 0.0  # columns 3-5 of W in [out, in] form: the second use ignores h1 units 3-5
     w_out, b_out = weights(rng, 6, 3)
     w_out[3:, :] = 0.0  # ...and so does the head reading h1
     w_out2, b_out2 = weights(rng, 6, 3)
-    w_out2[:4, :] = 0.0  # h2 units 0-3 are read by nobody
+    w_out2[:4, :] = 0.0  # h2 units 0-3 are read by no layer
     b = GraphBuilder()
     shared_w, shared_b = b.const(w.T.copy(), "shared_W"), b.const(bias, "shared_b")
     h1 = b.op("Relu", [b.op("Gemm", ["x", shared_w, shared_b], transB=1)])
@@ -199,7 +199,7 @@ def test_shared_initializer_is_copied_not_sliced():
     assert float_params(result.model) < float_params(model)
 
 
-def test_copies_that_would_grow_the_model_are_not_made():
+def test_growing_copies_not_made():
     # Removing one unit from only one use of a shared weight would copy it whole.
     rng = np.random.default_rng(11)
     w, bias = weights(rng, 6, 6)
@@ -286,7 +286,7 @@ def test_gather_indices_remapped():
 
 def test_prune_inputs_inserts_gather_and_keeps_interface():
     params = _mlp([6, 8, 3])
-    params[0][0][[1, 5], :] = 0.0  # input features 1 and 5 are read by nobody
+    params[0][0][[1, 5], :] = 0.0  # input features 1 and 5 are read by no layer
     model = _chain(params)
     plain = onnx_squeeze.minimize(model)
     assert not plain.changed
@@ -379,7 +379,7 @@ def test_gemm_beta_zero_ignored_bias_is_sliced():
     w1, b1 = weights(rng, 6, 8)
     w2, b2 = weights(rng, 8, 4)
     w3, b3 = weights(rng, 4, 3)
-    w3[1, :] = 0.0  # unit 1 of the beta=0 Gemm is read by nobody
+    w3[1, :] = 0.0  # unit 1 of the beta=0 Gemm is read by no layer
     b = GraphBuilder()
     h = b.op("Relu", [b.gemm("x", w1, b1)])
     h = b.op("Relu", [b.gemm(h, w2, b2, beta=0.0)])

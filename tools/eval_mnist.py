@@ -19,35 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "../shared/datasets/mnist/mnist.npz"
-
-
-def resolve_from_repo(path: str) -> Path:
-    """Resolve a relative path against the repository root, not the current directory."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute():
-        return candidate
-    return (REPO_ROOT / candidate).resolve()
-
-
-def load_mnist_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load the MNIST test images as float32 [N, 784] in [0, 1] and their labels as int64."""
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST file not found: {path}. Pass its location with --data.")
-
-    with np.load(path) as data:
-        missing = {"x_test", "y_test"} - set(data.files)
-        if missing:
-            raise KeyError(f"{path} is missing the arrays {sorted(missing)}")
-        images, labels = data["x_test"], data["y_test"]
-
-    pixels = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    if pixels.shape[1] != 784:
-        raise ValueError(f"expected 28x28 images in {path}, got {pixels.shape[1]} pixels per image")
-    return pixels, labels.astype(np.int64)
-
+from mnist_data import DEFAULT_DATA, load_mnist, resolve_from_repo
 
 def predict(model_path: Path, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """Run the model in onnxruntime on CPU and return the predicted class of each image."""
@@ -96,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"model file not found: {', '.join(missing)}")
 
-    pixels, labels = load_mnist_test(resolve_from_repo(args.data))
+    _, _, pixels, labels = load_mnist(resolve_from_repo(args.data))
 
     reference = None
     print(f"{'model':<50} {'test accuracy':>13} {'differ from first':>17}")
